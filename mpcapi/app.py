@@ -1,0 +1,230 @@
+"""The Klein app: thin routes over validation, the LiteLLM client and the SSE relay.
+
+Every OpenAI route exists under ``/api`` (the seed's base URL) and ``/v1`` (for clients
+that assume an OpenAI-style base URL).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from klein import Klein
+from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest, IResponse
+from twisted.web.resource import IResource
+from twisted.web.server import Request
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from mpcapi import __version__
+from mpcapi.errors import (
+    JSON_CONTENT_TYPE,
+    ApiError,
+    internal_error,
+    method_not_allowed,
+    not_found,
+    render_error,
+    set_status,
+)
+from mpcapi.requestlog import RequestLogging, record_of
+from mpcapi.settings import Settings
+from mpcapi.streaming import SSE_HEADERS, SSERelay
+from mpcapi.upstream import LiteLLMClient, check_upstream_status, relayed_headers
+from mpcapi.validation import RequestValidator
+
+log = Logger(namespace="mpcapi.app")
+
+# The seed's base URL is /api; /v1 serves clients that assume an OpenAI-style base URL.
+PREFIX = "/<any(api, v1):prefix>"
+LITELLM_LIVENESS_PATH = "/health/liveliness"
+
+
+def iso_timestamp(seconds: float) -> str:
+    """ISO-8601 UTC with milliseconds and a Z, as the seed's /health shows."""
+    moment = datetime.fromtimestamp(seconds, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _json(request: Request, status: int, document: Any) -> bytes:
+    set_status(request, status)
+    request.setHeader(b"content-type", JSON_CONTENT_TYPE)
+    return json.dumps(document).encode("utf-8")
+
+
+class Gateway:
+    """The HTTP face of MPC-API; ``resource()`` is what the Site serves."""
+
+    app = Klein()
+
+    def __init__(
+        self,
+        settings: Settings,
+        upstream: LiteLLMClient,
+        clock: IReactorTime,
+        validator: RequestValidator | None = None,
+    ) -> None:
+        self.settings = settings
+        self.upstream = upstream
+        self.clock = clock
+        self.validator = validator or RequestValidator()
+
+    def resource(self) -> IResource:
+        return RequestLogging(self.app.resource(), self.clock)
+
+    # Health
+
+    @app.route("/health", methods=["GET"])
+    def health(self, request: Request) -> bytes:
+        return _json(
+            request,
+            200,
+            {
+                "status": "ok",
+                "service": "mpc-api",
+                "timestamp": iso_timestamp(self.clock.seconds()),
+                "litellm_url": self.settings.litellm_base_url,
+                "version": __version__,
+            },
+        )
+
+    @app.route("/health/ready", methods=["GET"])
+    async def ready(self, request: Request) -> bytes:
+        started = self.clock.seconds()
+        check: dict[str, Any] = {"url": self.settings.litellm_base_url}
+        try:
+            response = await self.upstream.send(
+                "GET",
+                LITELLM_LIVENESS_PATH,
+                request_id=record_of(request).request_id,
+                timeout=self.settings.ready_timeout,
+            )
+            await self.upstream.read_body(response)
+            check["status"] = response.code
+            ok = response.code == 200
+            if not ok:
+                check["error"] = f"liveness probe answered {response.code}"
+        except ApiError as error:
+            ok, check["error"] = False, error.message
+        check["latency_ms"] = round((self.clock.seconds() - started) * 1000, 2)
+        return _json(
+            request,
+            200 if ok else 503,
+            {"status": "ready" if ok else "unavailable", "service": "mpc-api", "litellm": check},
+        )
+
+    # OpenAI routes
+
+    @app.route(f"{PREFIX}/models", methods=["GET"])
+    async def models(self, request: Request, prefix: str) -> bytes:
+        return await self._forward(request, "GET", "/models", None)
+
+    @app.route(f"{PREFIX}/chat/completions", methods=["POST"])
+    async def chat_completions(self, request: Request, prefix: str) -> bytes | None:
+        return await self._post(request, "/chat/completions", "chat_completions", streams=True)
+
+    @app.route(f"{PREFIX}/completions", methods=["POST"])
+    async def completions(self, request: Request, prefix: str) -> bytes | None:
+        return await self._post(request, "/completions", "completions", streams=True)
+
+    @app.route(f"{PREFIX}/embeddings", methods=["POST"])
+    async def embeddings(self, request: Request, prefix: str) -> bytes | None:
+        return await self._post(request, "/embeddings", "embeddings", streams=False)
+
+    async def _post(self, request: Request, path: str, schema: str, streams: bool) -> bytes | None:
+        """Validate the body, then forward its original bytes (streamed when asked)."""
+        body = request.content.read() if request.content is not None else b""
+        document = self.validator.validate(schema, body)
+        record_of(request).model = document["model"]
+        if streams and document.get("stream") is True:
+            return await self._stream(request, path, body)
+        return await self._forward(request, "POST", path, body)
+
+    async def _forward(self, request: Request, method: str, path: str, body: bytes | None) -> bytes:
+        """Send to LiteLLM and relay its answer; client errors pass through as they are."""
+        response = await self._send(request, method, path, body)
+        answer = await self.upstream.read_body(response)
+        self._check(response, answer)
+        return self._relay(request, response, answer)
+
+    async def _stream(self, request: Request, path: str, body: bytes) -> bytes | None:
+        response = await self._send(request, "POST", path, body)
+        if response.code != 200:
+            answer = await self.upstream.read_body(response)
+            self._check(response, answer)
+            return self._relay(request, response, answer)
+        request.setResponseCode(200)
+        for name, value in SSE_HEADERS.items():
+            request.setHeader(name, value)
+        for name, values in relayed_headers(response).items():
+            if name != b"content-type":
+                request.responseHeaders.setRawHeaders(name, values)
+        relay = SSERelay(request, self.clock, self.settings.litellm_timeout)
+        record_of(request).stream = relay
+        response.deliverBody(relay)
+        # The relay finishes the request itself; Klein must not finish it before.
+        await relay.ended
+        return None
+
+    async def _send(
+        self, request: Request, method: str, path: str, body: bytes | None
+    ) -> IResponse:
+        record = record_of(request)
+        response = await self.upstream.send(
+            method,
+            path,
+            body=body,
+            authorization=request.getHeader(b"authorization"),
+            request_id=record.request_id,
+        )
+        record.upstream_status = response.code
+        return response
+
+    def _check(self, response: IResponse, answer: bytes) -> None:
+        check_upstream_status(
+            response.code,
+            answer,
+            our_key=bool(self.settings.litellm_api_key),
+            base_url=self.settings.litellm_base_url,
+        )
+
+    @staticmethod
+    def _relay(request: Request, response: IResponse, answer: bytes) -> bytes:
+        set_status(request, response.code)
+        for name, values in relayed_headers(response).items():
+            request.responseHeaders.setRawHeaders(name, values)
+        return answer
+
+    # Errors
+
+    @app.handle_errors(ApiError)
+    def api_error(self, request: IRequest, failure: Failure) -> bytes:
+        error: ApiError = failure.value  # type: ignore[assignment]
+        return render_error(request, error, record_of(request).request_id)
+
+    @app.handle_errors(NotFound)
+    def unknown_route(self, request: IRequest, failure: Failure) -> bytes:
+        path = request.path.decode("utf-8", "replace")
+        error = not_found(f"no route {request.method.decode('ascii', 'replace')} {path}")
+        return render_error(request, error, record_of(request).request_id)
+
+    @app.handle_errors(MethodNotAllowed)
+    def wrong_method(self, request: IRequest, failure: Failure) -> bytes:
+        allowed = sorted(getattr(failure.value, "valid_methods", None) or [])
+        method = request.method.decode("ascii", "replace")
+        path = request.path.decode("utf-8", "replace")
+        error = method_not_allowed(f"{method} is not allowed on {path}", allowed)
+        return render_error(request, error, record_of(request).request_id)
+
+    @app.handle_errors(Exception)
+    def bug(self, request: IRequest, failure: Failure) -> bytes:
+        record = record_of(request)
+        if failure.check(CancelledError):  # the client left; nobody to answer
+            return b""
+        log.failure(
+            "unhandled error, request_id={request_id}", failure, request_id=record.request_id
+        )
+        return render_error(request, internal_error(), record.request_id)

@@ -1,0 +1,93 @@
+"""Errors MPC-API produces itself, and the one function that renders them.
+
+Every error body has the seed's shape: ``{"error": <type>, "message": <detail>,
+"request_id": <id>}``, plus ``"details"`` for validation errors. Errors that LiteLLM
+returns for the client's own request are relayed as they are (see ``app``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from http import HTTPStatus
+from typing import Any
+
+from twisted.web.iweb import IRequest
+
+JSON_CONTENT_TYPE = b"application/json"
+
+
+class ApiError(Exception):
+    """An HTTP error answer: status, a short type, a human message."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        message: str,
+        *,
+        details: Sequence[Mapping[str, Any]] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+        self.details = details
+        self.headers = dict(headers or {})
+
+    def body(self, request_id: str) -> bytes:
+        document: dict[str, Any] = {
+            "error": self.error,
+            "message": self.message,
+            "request_id": request_id,
+        }
+        if self.details:
+            document["details"] = list(self.details)
+        return json.dumps(document).encode("utf-8")
+
+
+def bad_request(message: str, details: Sequence[Mapping[str, Any]] | None = None) -> ApiError:
+    return ApiError(400, "Bad Request", message, details=details)
+
+
+def not_found(message: str) -> ApiError:
+    return ApiError(404, "Not Found", message)
+
+
+def method_not_allowed(message: str, allowed: Sequence[str]) -> ApiError:
+    return ApiError(405, "Method Not Allowed", message, headers={"Allow": ", ".join(allowed)})
+
+
+def payload_too_large(limit: int) -> ApiError:
+    return ApiError(413, "Payload Too Large", f"request body exceeds the limit of {limit} bytes")
+
+
+def bad_gateway(message: str) -> ApiError:
+    return ApiError(502, "Bad Gateway", message)
+
+
+def gateway_timeout(message: str) -> ApiError:
+    return ApiError(504, "Gateway Timeout", message)
+
+
+def internal_error() -> ApiError:
+    return ApiError(500, "Internal Server Error", "an unexpected error occurred; see the logs")
+
+
+def set_status(request: IRequest, status: int) -> None:
+    """Set the status with its standard reason phrase (Twisted lacks some, such as 429's)."""
+    try:
+        phrase = HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        phrase = b"Unknown Status"
+    request.setResponseCode(status, phrase)
+
+
+def render_error(request: IRequest, error: ApiError, request_id: str) -> bytes:
+    """Set the status and headers of ``request`` for ``error`` and return the body."""
+    set_status(request, error.status)
+    request.setHeader(b"content-type", JSON_CONTENT_TYPE)
+    for name, value in error.headers.items():
+        request.setHeader(name.encode("ascii"), value.encode("latin-1"))
+    return error.body(request_id)

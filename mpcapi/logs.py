@@ -1,0 +1,59 @@
+"""Log output: JSON lines for production, Twisted's text format for development.
+
+Our events carry their fields as keys (see ``requestlog``); the JSON observer writes
+them as one flat object per line, next to the time, level, namespace and message.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from twisted.logger import ILogObserver, LogEvent, formatEvent
+from zope.interface import implementer
+
+# Keys of legacy twisted.python.log events that are not fields of ours.
+_LEGACY_KEYS = frozenset({"message", "format", "isError", "system", "time", "why", "failure"})
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    return str(value)
+
+
+def event_as_record(event: LogEvent) -> dict[str, Any]:
+    """One log event as a flat, JSON-ready dict."""
+    level = event.get("log_level")
+    record: dict[str, Any] = {
+        "time": datetime.fromtimestamp(event.get("log_time", 0), tz=UTC).isoformat(
+            timespec="milliseconds"
+        ),
+        "level": level.name if level is not None else "info",
+        "namespace": event.get("log_namespace") or event.get("system"),
+        "message": formatEvent(event),
+    }
+    for key, value in event.items():
+        if not key.startswith("log_") and key not in _LEGACY_KEYS:
+            record[key] = _jsonable(value)
+    failure = event.get("log_failure")
+    if failure is not None:
+        record["traceback"] = failure.getTraceback()
+    return record
+
+
+@implementer(ILogObserver)
+class JsonLinesObserver:
+    """Writes each event as one JSON object per line."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self._out = out
+
+    def __call__(self, event: LogEvent) -> None:
+        self._out.write(json.dumps(event_as_record(event)) + "\n")
+        self._out.flush()

@@ -1,0 +1,114 @@
+"""Per-request context: the request id, and one log event when the request is over.
+
+``RequestLogging`` wraps the Klein resource: it gives every request a ``RequestRecord``
+(reachable through ``record_of``), sets ``x-request-id`` on every response, and emits
+one ``twisted.logger`` event when the response is finished or the client went away.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET
+
+from mpcapi.streaming import SSERelay
+
+log = Logger(namespace="mpcapi.request")
+
+_SANE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
+_ATTRIBUTE = "_mpcapi_record"
+
+REQUEST_FORMAT = (
+    "{method} {path} {status} {duration_ms}ms request_id={request_id} model={model} "
+    "upstream_status={upstream_status} bytes={bytes_sent} outcome={outcome}"
+)
+STREAM_FORMAT = REQUEST_FORMAT + " ttfb_ms={ttfb_ms} events={events}"
+
+
+def request_id_for(request: IRequest) -> str:
+    """The client's ``x-request-id`` when it is sane, otherwise a fresh one."""
+    given = request.getHeader(b"x-request-id")
+    if given is not None:
+        raw = given.encode("latin-1") if isinstance(given, str) else given
+        if _SANE_REQUEST_ID.match(raw):
+            return raw.decode("ascii")
+    return uuid.uuid4().hex
+
+
+@attrs.define
+class RequestRecord:
+    """What we learn about one request while serving it; logged at its end."""
+
+    request_id: str
+    started: float
+    model: str | None = None
+    upstream_status: int | None = None
+    stream: SSERelay | None = None
+    outcome: str = "completed"
+
+
+def record_of(request: IRequest) -> RequestRecord:
+    record: RequestRecord = getattr(request, _ATTRIBUTE)
+    return record
+
+
+def log_fields(request: Any, record: RequestRecord, now: float) -> dict[str, Any]:
+    """The structured fields of a request's log event."""
+    fields: dict[str, Any] = {
+        "method": request.method.decode("ascii", "replace"),
+        "path": request.path.decode("utf-8", "replace"),
+        "status": request.code,
+        "duration_ms": round((now - record.started) * 1000, 2),
+        "request_id": record.request_id,
+        "model": record.model,
+        "upstream_status": record.upstream_status,
+        "bytes_sent": request.sentLength,
+        "outcome": record.outcome,
+        "client": _client_address(request),
+    }
+    stream = record.stream
+    if stream is not None:
+        first = stream.first_byte_at
+        fields["ttfb_ms"] = round((first - record.started) * 1000, 2) if first else None
+        fields["events"] = stream.events
+        if stream.outcome is not None and record.outcome != "client_abort":
+            fields["outcome"] = stream.outcome.value
+    return fields
+
+
+def _client_address(request: Any) -> str | None:
+    peer = request.getClientAddress()
+    return getattr(peer, "host", None)
+
+
+class RequestLogging(Resource):
+    """Wraps a leaf resource with the request id and the per-request log event."""
+
+    isLeaf = True
+
+    def __init__(self, wrapped: IResource, clock: IReactorTime) -> None:
+        super().__init__()
+        self._wrapped = wrapped
+        self._clock = clock
+
+    def render(self, request: Any) -> Any:
+        record = RequestRecord(request_id=request_id_for(request), started=self._clock.seconds())
+        setattr(request, _ATTRIBUTE, record)
+        request.setHeader(b"x-request-id", record.request_id.encode("ascii"))
+        request.notifyFinish().addBoth(self._finished, request, record)
+        result = self._wrapped.render(request)
+        return NOT_DONE_YET if result is NOT_DONE_YET else result
+
+    def _finished(self, result: object, request: Any, record: RequestRecord) -> None:
+        if isinstance(result, Failure):
+            record.outcome = "client_abort"
+        fields = log_fields(request, record, self._clock.seconds())
+        log.info(STREAM_FORMAT if record.stream else REQUEST_FORMAT, **fields)

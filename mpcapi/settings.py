@@ -1,0 +1,261 @@
+"""Configuration: one frozen ``Settings``, built once at start.
+
+Sources, weakest first: built-in defaults < the TOML file (``MPCAPI_CONFIG`` or
+``--config``) < a ``.env`` file in the working directory < the real environment <
+twistd options. ``SETTINGS`` is the single table that feeds the twistd options, the
+environment lookup, the TOML keys and ``--help``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+from dotenv import dotenv_values
+from hyperlink import DecodedURL
+
+LOG_FORMATS = ("text", "json")
+
+
+class ConfigError(Exception):
+    """A configuration value is unusable; the message names the key."""
+
+
+def _port(raw: Any) -> int:
+    value = _integer(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"{raw!r} is not a port number (0-65535)")
+    return value
+
+
+def _integer(raw: Any) -> int:
+    if isinstance(raw, bool):
+        raise ValueError(f"{raw!r} is not an integer")
+    if isinstance(raw, int):
+        return raw
+    try:
+        return int(str(raw).strip())
+    except ValueError:
+        raise ValueError(f"{raw!r} is not an integer") from None
+
+
+def _positive_int(raw: Any) -> int:
+    value = _integer(raw)
+    if value < 1:
+        raise ValueError(f"{raw!r} must be at least 1")
+    return value
+
+
+def _positive_seconds(raw: Any) -> float:
+    try:
+        value = float(str(raw).strip()) if not isinstance(raw, int | float) else float(raw)
+    except ValueError:
+        raise ValueError(f"{raw!r} is not a number of seconds") from None
+    if isinstance(raw, bool) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{raw!r} must be a positive number of seconds")
+    return value
+
+
+def _url(raw: Any) -> str:
+    text = str(raw).strip()
+    try:
+        url = DecodedURL.from_text(text)
+    except Exception:
+        raise ValueError(f"{text!r} is not a URL") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"{text!r} must be an http:// or https:// URL with a host")
+    return text.rstrip("/")
+
+
+def _text(raw: Any) -> str:
+    return str(raw).strip()
+
+
+def _non_empty(raw: Any) -> str:
+    text = _text(raw)
+    if not text:
+        raise ValueError("must not be empty")
+    return text
+
+
+def _log_format(raw: Any) -> str:
+    text = _text(raw).lower()
+    if text not in ("", *LOG_FORMATS):
+        raise ValueError(f"{raw!r} is not one of: {', '.join(LOG_FORMATS)}")
+    return text
+
+
+@attrs.frozen
+class Setting:
+    """One configuration key: its name everywhere, its default and its parser."""
+
+    name: str
+    env: tuple[str, ...]
+    default: Any
+    parse: Callable[[Any], Any]
+    help: str
+    secret: bool = False
+
+    @property
+    def option(self) -> str:
+        return self.name.replace("_", "-")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("port", ("PORT",), 3000, _port, "TCP port to listen on"),
+    Setting("host", ("MPCAPI_HOST",), "0.0.0.0", _non_empty, "interface to listen on"),
+    Setting(
+        "litellm_base_url",
+        ("LITELLM_BASE_URL",),
+        "http://litellm:4000",
+        _url,
+        "base URL of the LiteLLM Gateway (a path prefix is kept)",
+    ),
+    Setting(
+        "litellm_api_key",
+        ("LITELLM_API_KEY",),
+        "",
+        _text,
+        "key sent to LiteLLM as Bearer; empty: the client's Authorization passes through",
+        secret=True,
+    ),
+    Setting(
+        "litellm_timeout",
+        ("LITELLM_TIMEOUT",),
+        600.0,
+        _positive_seconds,
+        "seconds to wait for LiteLLM's response headers and between body chunks",
+    ),
+    Setting(
+        "connect_timeout",
+        ("MPCAPI_CONNECT_TIMEOUT",),
+        10.0,
+        _positive_seconds,
+        "seconds to wait for a TCP connection to LiteLLM",
+    ),
+    Setting(
+        "ready_timeout",
+        ("MPCAPI_READY_TIMEOUT",),
+        2.0,
+        _positive_seconds,
+        "seconds LiteLLM's liveness probe may take before /health/ready says 503",
+    ),
+    Setting(
+        "pool_size",
+        ("MPCAPI_POOL_SIZE",),
+        256,
+        _positive_int,
+        "idle persistent connections kept open to LiteLLM",
+    ),
+    Setting(
+        "max_body_bytes",
+        ("MPCAPI_MAX_BODY_BYTES",),
+        32 * 1024 * 1024,
+        _positive_int,
+        "largest accepted request body in bytes (larger: 413)",
+    ),
+    Setting(
+        "env",
+        ("MPCAPI_ENV", "NODE_ENV"),
+        "production",
+        _non_empty,
+        "environment name; 'development' logs text, anything else JSON",
+    ),
+    Setting(
+        "log_format",
+        ("MPCAPI_LOG_FORMAT",),
+        "",
+        _log_format,
+        "text or json; empty: text in development, json otherwise",
+    ),
+)
+
+CONFIG_ENV = "MPCAPI_CONFIG"
+
+
+@attrs.frozen
+class Settings:
+    """The effective configuration of one daemon."""
+
+    port: int = 3000
+    host: str = "0.0.0.0"
+    litellm_base_url: str = "http://litellm:4000"
+    litellm_api_key: str = ""
+    litellm_timeout: float = 600.0
+    connect_timeout: float = 10.0
+    ready_timeout: float = 2.0
+    pool_size: int = 256
+    max_body_bytes: int = 32 * 1024 * 1024
+    env: str = "production"
+    log_format: str = "json"
+    config_file: str = ""
+
+    @property
+    def listen_endpoint(self) -> str:
+        host = self.host.replace(":", "\\:")
+        return f"tcp:port={self.port}:interface={host}"
+
+    def masked(self) -> dict[str, Any]:
+        """The settings as a dict, with every secret replaced by asterisks."""
+        values = attrs.asdict(self)
+        for setting in SETTINGS:
+            if setting.secret and values[setting.name]:
+                values[setting.name] = "***"
+        return values
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            document = tomllib.load(handle)
+    except OSError as error:
+        raise ConfigError(f"{CONFIG_ENV}: cannot read {path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{CONFIG_ENV}: {path} is not valid TOML: {error}") from None
+    known = {setting.name for setting in SETTINGS}
+    unknown = sorted(set(document) - known)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown key in {path}")
+    return document
+
+
+def load_settings(
+    options: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Settings:
+    """Merge every source into one ``Settings``; raise ``ConfigError`` on a bad value.
+
+    ``options`` holds twistd option values by setting name (``None`` = not given),
+    plus ``config`` for the TOML file path.
+    """
+    options = options or {}
+    dotenv_file = (cwd or Path.cwd()) / ".env"
+    from_dotenv = {k: v for k, v in dotenv_values(dotenv_file).items() if v is not None}
+    environment = {**from_dotenv, **(os.environ if environ is None else environ)}
+
+    config_file = options.get("config") or environment.get(CONFIG_ENV) or ""
+    from_file = _read_toml(config_file) if config_file else {}
+
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw, key = setting.default, setting.name
+        if setting.name in from_file:
+            raw, key = from_file[setting.name], f"{setting.name} (in {config_file})"
+        for variable in reversed(setting.env):
+            if variable in environment:
+                raw, key = environment[variable], variable
+        if options.get(setting.name) is not None:
+            raw, key = options[setting.name], f"--{setting.option}"
+        try:
+            values[setting.name] = setting.parse(raw)
+        except ValueError as error:
+            raise ConfigError(f"{key}: {error}") from None
+    if not values["log_format"]:
+        values["log_format"] = "text" if values["env"] == "development" else "json"
+    return Settings(**values, config_file=config_file)

@@ -1,0 +1,156 @@
+"""SSE relay: LiteLLM's event stream to the client, chunk by chunk.
+
+Each chunk LiteLLM sends is written to the client the moment it arrives. The relay is
+the client connection's producer, so a slow reader pauses the upstream read
+(backpressure); a client that leaves closes the upstream connection; silence longer than
+``LITELLM_TIMEOUT`` and an upstream that breaks off without ``data: [DONE]`` end the
+stream with one SSE error event, so OpenAI SDKs raise instead of hanging.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+
+from twisted.internet import error
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.server import Request
+from zope.interface import implementer
+
+SSE_HEADERS = {
+    b"content-type": b"text/event-stream",
+    b"cache-control": b"no-cache",
+    b"x-accel-buffering": b"no",
+}
+_DONE_MARKER = b"data: [DONE]"
+_TAIL = 64  # bytes kept across chunks to spot event boundaries and [DONE]
+
+
+class StreamEnd(Enum):
+    """How a relayed stream ended; logged with the request."""
+
+    COMPLETED = "completed"
+    CLIENT_ABORT = "client_abort"
+    UPSTREAM_ERROR = "upstream_error"
+    TIMEOUT = "timeout"
+
+
+def error_event(message: str, kind: str) -> bytes:
+    """One SSE event in the shape OpenAI SDKs raise on."""
+    document = {"error": {"message": message, "type": kind}}
+    return b"data: " + json.dumps(document).encode("utf-8") + b"\n\n"
+
+
+@implementer(IPushProducer)
+class SSERelay(Protocol):
+    """Receives LiteLLM's body and writes it through to the client's request.
+
+    ``ended`` fires with a ``StreamEnd`` once the stream is over, however it ended.
+    """
+
+    def __init__(self, request: Request, clock: IReactorTime, idle_timeout: float) -> None:
+        self._request = request
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._timer: IDelayedCall | None = None
+        self._tail = b""
+        self.outcome: StreamEnd | None = None
+        self.started = clock.seconds()
+        self.first_byte_at: float | None = None
+        self.events = 0
+        self.saw_done = False
+        self.ended: Deferred[StreamEnd] = Deferred()
+
+    # Upstream side (IProtocol)
+
+    def connectionMade(self) -> None:
+        self._request.registerProducer(self, True)
+        self._request.notifyFinish().addErrback(self._client_gone)
+        self._timer = self._clock.callLater(self._idle_timeout, self._timed_out)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.outcome is not None:
+            return
+        if self.first_byte_at is None:
+            self.first_byte_at = self._clock.seconds()
+        self._request.write(data)
+        self._count_events(data)
+        if self._timer is not None:
+            self._timer.reset(self._idle_timeout)
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        if self.outcome is not None:
+            return
+        if reason.check(ResponseDone) and self.saw_done:
+            self._end(StreamEnd.COMPLETED)
+        else:
+            why = "without [DONE]" if reason.check(ResponseDone) else f": {reason.value}"
+            self._end(
+                StreamEnd.UPSTREAM_ERROR,
+                error_event(
+                    f"LiteLLM closed the stream {why}".replace(" :", ":"), "upstream_error"
+                ),
+            )
+
+    # Client side (IPushProducer): the client's transport tells us to slow down.
+
+    def pauseProducing(self) -> None:
+        if self.transport is not None:
+            IPushProducer(self.transport).pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self.transport is not None:
+            IPushProducer(self.transport).resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._client_gone(None)
+
+    # Internals
+
+    def _count_events(self, data: bytes) -> None:
+        window = self._tail + data
+        normalised = window.replace(b"\r\n", b"\n")
+        tail_events = self._tail.replace(b"\r\n", b"\n").count(b"\n\n")
+        self.events += normalised.count(b"\n\n") - tail_events
+        if _DONE_MARKER in window:
+            self.saw_done = True
+        self._tail = window[-_TAIL:]
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        message = f"LiteLLM sent nothing for {self._idle_timeout:g} s"
+        self._end(StreamEnd.TIMEOUT, error_event(message, "timeout"))
+        self._close_upstream()
+
+    def _client_gone(self, _: object) -> None:
+        if self.outcome is None:
+            self.outcome = StreamEnd.CLIENT_ABORT
+            self._stop_timer()
+            self._close_upstream()
+            self._announce(StreamEnd.CLIENT_ABORT)
+
+    def _end(self, outcome: StreamEnd, last_event: bytes = b"") -> None:
+        self.outcome = outcome
+        self._stop_timer()
+        self._request.unregisterProducer()
+        if last_event:
+            self._request.write(last_event)
+        self._request.finish()
+        self._announce(outcome)
+
+    def _announce(self, outcome: StreamEnd) -> None:
+        if not self.ended.called:  # it was cancelled if the handler was
+            self.ended.callback(outcome)
+
+    def _close_upstream(self) -> None:
+        if self.transport is not None:
+            IPushProducer(self.transport).stopProducing()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None

@@ -1,0 +1,268 @@
+"""The LiteLLM client: treq over our own connection pool, timeouts, error mapping.
+
+``LiteLLMClient.send`` resolves when LiteLLM's response headers arrive (or raises a
+502/504 ``ApiError``); ``read_body`` collects a body with an inactivity timeout and
+closes the upstream connection when cancelled, which ``treq.collect`` alone does not.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any
+
+import attrs
+import treq
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    PotentialDataLoss,
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+    _HTTP11ClientFactory,
+)
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IResponse
+from zope.interface import implementer
+
+from mpcapi.errors import ApiError, bad_gateway, gateway_timeout
+from mpcapi.settings import Settings
+
+# Headers of LiteLLM's answers that reach the client: what SDKs need to parse and back off.
+RELAYED_HEADERS = (b"content-type", b"retry-after")
+RELAYED_HEADER_PREFIXES = (b"x-ratelimit-", b"x-litellm-", b"llm_provider-")
+
+_UNREACHABLE = (
+    error.ConnectError,
+    error.DNSLookupError,
+    error.ConnectionLost,
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseNeverReceived,
+    ResponseFailed,
+)
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body that is already in memory: written at once, no cooperator."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> defer.Deferred[None]:
+        consumer.write(self._body)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """No "Starting factory" log line for every new upstream connection."""
+
+    noisy = False
+
+
+def make_pool(reactor: Any, settings: Settings) -> HTTPConnectionPool:
+    """A persistent pool sized for many concurrent requests to one LiteLLM."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = settings.pool_size
+    # Below uvicorn's 5 s keep-alive, so we rarely reuse a connection LiteLLM is closing.
+    pool.cachedConnectionTimeout = 4
+    pool.retryAutomatically = True
+    pool._factory = _QuietClientFactory
+    return pool
+
+
+def make_http_client(reactor: Any, pool: HTTPConnectionPool, settings: Settings) -> Any:
+    """treq's HTTPClient on our pool; cookies refused, so no state leaks between clients."""
+    agent = Agent(reactor, pool=pool, connectTimeout=settings.connect_timeout)
+    no_cookies: Any = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+    return treq.client.HTTPClient(agent, cookiejar=no_cookies)
+
+
+def _reason(failure_value: BaseException) -> str:
+    reasons = getattr(failure_value, "reasons", None)
+    if reasons:
+        return "; ".join(str(reason.value) for reason in reasons)
+    return str(failure_value) or type(failure_value).__name__
+
+
+def error_message(body: bytes) -> str:
+    """The human part of an error body from LiteLLM, shortened for our own messages."""
+    try:
+        document = json.loads(body)
+        detail = document.get("error", document)
+        message = detail.get("message", detail) if isinstance(detail, dict) else detail
+        text = str(message)
+    except (ValueError, AttributeError):
+        text = body.decode("utf-8", "replace")
+    return text[:500]
+
+
+@attrs.define
+class LiteLLMClient:
+    """Sends requests to one LiteLLM Gateway and maps transport failures to ``ApiError``."""
+
+    base_url: str
+    api_key: str
+    http: Any
+    clock: IReactorTime
+    timeout: float
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def headers(self, client_authorization: bytes | None, request_id: str) -> Headers:
+        """Our key when we have one, else the client's own Authorization."""
+        headers = Headers(
+            {
+                b"content-type": [b"application/json"],
+                b"accept": [b"application/json, text/event-stream"],
+                b"x-request-id": [request_id.encode("ascii")],
+            }
+        )
+        if self.api_key:
+            headers.setRawHeaders(b"authorization", [b"Bearer " + self.api_key.encode("latin-1")])
+        elif client_authorization:
+            headers.setRawHeaders(b"authorization", [client_authorization])
+        return headers
+
+    async def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        authorization: bytes | None = None,
+        request_id: str,
+        timeout: float | None = None,
+    ) -> IResponse:
+        """Send one request; return the response once its headers have arrived."""
+        limit = self.timeout if timeout is None else timeout
+        d = self.http.request(
+            method,
+            self.url(path),
+            headers=self.headers(authorization, request_id),
+            data=BytesProducer(body) if body is not None else None,
+            allow_redirects=False,
+            unbuffered=True,
+        )
+        d.addTimeout(limit, self.clock)
+        try:
+            response: IResponse = await d
+        except defer.TimeoutError:
+            raise gateway_timeout(
+                f"LiteLLM at {self.base_url} did not answer within {limit:g} s"
+            ) from None
+        except _UNREACHABLE as failure:
+            raise bad_gateway(
+                f"LiteLLM at {self.base_url} is unreachable: {_reason(failure)}"
+            ) from None
+        return response
+
+    def read_body(self, response: IResponse) -> defer.Deferred[bytes]:
+        """Collect the whole body; 504 after ``timeout`` s of silence, 502 if cut short."""
+        collector = BodyCollector(self.clock, self.timeout, self.base_url)
+        response.deliverBody(collector)
+        return collector.done
+
+
+class BodyCollector(Protocol):
+    """Accumulates a response body; cancelling ``done`` closes the upstream connection."""
+
+    def __init__(self, clock: IReactorTime, idle_timeout: float, source: str) -> None:
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._source = source
+        self._chunks: list[bytes] = []
+        self._timer: IDelayedCall | None = None
+        self.done: defer.Deferred[bytes] = defer.Deferred(self._cancel)
+
+    def connectionMade(self) -> None:
+        self._timer = self._clock.callLater(self._idle_timeout, self._timed_out)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._chunks.append(data)
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._idle_timeout)
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        self._stop_timer()
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self._chunks))
+        else:
+            self.done.errback(
+                bad_gateway(f"LiteLLM at {self._source} broke off its answer: {reason.value}")
+            )
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self.done.errback(
+            gateway_timeout(f"LiteLLM at {self._source} sent nothing for {self._idle_timeout:g} s")
+        )
+        self._close_upstream()
+
+    def _cancel(self, _: defer.Deferred[bytes]) -> None:
+        self._stop_timer()
+        self._close_upstream()
+
+    def _close_upstream(self) -> None:
+        if self.transport is not None:
+            IPushProducer(self.transport).stopProducing()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+
+def relayed_headers(response: IResponse) -> Mapping[bytes, list[bytes]]:
+    """The headers of LiteLLM's answer that the client should see."""
+    kept: dict[bytes, list[bytes]] = {}
+    for name, values in response.headers.getAllRawHeaders():
+        lower = name.lower()
+        if lower in RELAYED_HEADERS or lower.startswith(RELAYED_HEADER_PREFIXES):
+            kept[lower] = list(values)
+    return kept
+
+
+def check_upstream_status(status: int, body: bytes, *, our_key: bool, base_url: str) -> None:
+    """Raise the 502 that a LiteLLM 5xx (or a refusal of our own key) stands for."""
+    if status >= 500:
+        raise bad_gateway(f"LiteLLM answered {status}: {error_message(body)}")
+    if our_key and status in (401, 403):
+        raise bad_gateway(
+            f"LiteLLM at {base_url} refused the gateway's LITELLM_API_KEY ({status}): "
+            f"{error_message(body)}"
+        )
+
+
+__all__ = [
+    "ApiError",
+    "BodyCollector",
+    "BytesProducer",
+    "LiteLLMClient",
+    "check_upstream_status",
+    "make_http_client",
+    "make_pool",
+    "relayed_headers",
+]

@@ -1,0 +1,31 @@
+"""Packaging for MPC-API: `pip install .` gives the `mpcapi` twistd plugin."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mpcapi",
+    version="0.1.0",
+    description="OpenAI-compatible gateway in front of a LiteLLM proxy, on Twisted",
+    python_requires=">=3.11",
+    packages=find_packages(exclude=["tests*", "bench*"]) + ["twisted.plugins"],
+    package_data={"mpcapi": ["schemas/*.json", "py.typed"], "twisted": ["plugins/mpcapi_plugin.py"]},
+    install_requires=[
+        "twisted>=24.7.0",
+        "klein>=24.8.0",
+        "treq>=24.9.1",
+        "jsonschema>=4.18.0",
+        "python-dotenv>=1.0.0",
+        "attrs>=23.1.0",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8.0",
+            "pytest-twisted>=1.14",
+            "openai>=1.50",
+            "ruff>=0.6",
+            "mypy>=1.11",
+            "mypy-zope>=1.0",
+            "types-jsonschema",
+        ],
+    },
+)
