@@ -162,6 +162,7 @@ class Gateway:
         for name, values in relayed_headers(response).items():
             if name != b"content-type":
                 request.responseHeaders.setRawHeaders(name, values)
+        request.write(b"")  # the headers go out now, before the first event
         relay = SSERelay(request, self.clock, self.settings.litellm_timeout)
         record_of(request).stream = relay
         response.deliverBody(relay)

@@ -94,7 +94,9 @@ def make_http_client(reactor: Any, pool: HTTPConnectionPool, settings: Settings)
     """treq's HTTPClient on our pool; cookies refused, so no state leaks between clients."""
     agent = Agent(reactor, pool=pool, connectTimeout=settings.connect_timeout)
     no_cookies: Any = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
-    return treq.client.HTTPClient(agent, cookiejar=no_cookies)
+    return treq.client.HTTPClient(
+        agent, cookiejar=no_cookies, data_to_body_producer=BytesProducer
+    )
 
 
 def _reason(failure_value: BaseException) -> str:
@@ -160,21 +162,32 @@ class LiteLLMClient:
             method,
             self.url(path),
             headers=self.headers(authorization, request_id),
-            data=BytesProducer(body) if body is not None else None,
+            data=body,
             allow_redirects=False,
             unbuffered=True,
         )
-        d.addTimeout(limit, self.clock)
+        timed_out = []
+
+        def give_up() -> None:
+            timed_out.append(True)
+            d.cancel()  # aborts the connection, so LiteLLM sees us leave
+
+        timer = self.clock.callLater(limit, give_up)
         try:
             response: IResponse = await d
-        except defer.TimeoutError:
-            raise gateway_timeout(
-                f"LiteLLM at {self.base_url} did not answer within {limit:g} s"
-            ) from None
-        except _UNREACHABLE as failure:
-            raise bad_gateway(
-                f"LiteLLM at {self.base_url} is unreachable: {_reason(failure)}"
-            ) from None
+        except Exception as failure:
+            if timed_out:
+                raise gateway_timeout(
+                    f"LiteLLM at {self.base_url} did not answer within {limit:g} s"
+                ) from None
+            if isinstance(failure, _UNREACHABLE):
+                raise bad_gateway(
+                    f"LiteLLM at {self.base_url} is unreachable: {_reason(failure)}"
+                ) from None
+            raise
+        finally:
+            if timer.active():
+                timer.cancel()
         return response
 
     def read_body(self, response: IResponse) -> defer.Deferred[bytes]:

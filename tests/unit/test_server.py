@@ -1,0 +1,264 @@
+"""The gateway on a real loopback socket: body limits, disconnects, backpressure.
+
+These need real TCP connections (StubTreq has no sockets to close), so they run the
+real reactor with a small in-process upstream; still no LiteLLM and no subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import attrs
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IPushProducer
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
+
+from mpcapi.app import Gateway
+from mpcapi.settings import Settings
+from mpcapi.site import GatewaySite
+from mpcapi.upstream import LiteLLMClient, make_http_client, make_pool
+from tests.unit.conftest import CHAT
+
+LIMIT = 64 * 1024
+
+
+def pause(seconds: float) -> defer.Deferred[None]:
+    d: defer.Deferred[None] = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)  # type: ignore[attr-defined]
+    return d
+
+
+@implementer(IPushProducer)
+class EventPump:
+    """Writes SSE events while its consumer lets it: honours pause/resume like a real server."""
+
+    padding = b"x" * 65536
+
+    def __init__(self, request: Request, interval: float, burst: int) -> None:
+        self.request = request
+        self.interval = interval
+        self.burst = burst
+        self.paused = False
+        self.times_paused = 0
+        self.written = 0
+        self.stopped = False
+        request.registerProducer(self, True)
+        self._tick()
+
+    def _tick(self) -> None:
+        if self.stopped or self.paused:
+            return
+        for _ in range(self.burst):
+            event = b'data: {"n": %d, "pad": "%s"}\n\n' % (self.written, self.padding)
+            self.written += 1
+            self.request.write(event)
+        reactor.callLater(self.interval, self._tick)  # type: ignore[attr-defined]
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.times_paused += 1
+
+    def resumeProducing(self) -> None:
+        if self.paused:
+            self.paused = False
+            self._tick()
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+class SlowUpstream(Resource):
+    """Streams events (or never answers, or stalls mid-body); records departures."""
+
+    isLeaf = True
+
+    def __init__(self, mode: str, interval: float = 0.05, burst: int = 1) -> None:
+        super().__init__()
+        self.mode = mode
+        self.interval = interval
+        self.burst = burst
+        self.arrived: defer.Deferred[float] = defer.Deferred()
+        self.left: defer.Deferred[float] = defer.Deferred()
+        self.bodies: list[bytes] = []
+        self.pump: EventPump | None = None
+
+    def render_POST(self, request: Request) -> int:
+        self.bodies.append(request.content.read() if request.content else b"")
+        request.notifyFinish().addErrback(lambda _: self.left.callback(time.monotonic()))
+        self.arrived.callback(time.monotonic())
+        if self.mode == "stream":
+            request.setHeader(b"content-type", b"text/event-stream")
+            self.pump = EventPump(request, self.interval, self.burst)
+        elif self.mode == "partial":
+            request.setHeader(b"content-type", b"application/json")
+            request.write(b'{"partial": ')
+        return NOT_DONE_YET
+
+
+@attrs.define
+class Running:
+    url: str
+    port: int
+    upstream: SlowUpstream
+
+
+@pytest_twisted.async_yield_fixture
+async def running() -> AsyncIterator[Any]:
+    started: list[Any] = []
+
+    async def start(mode: str = "stream", **overrides: Any) -> Running:
+        upstream = SlowUpstream(mode)
+        upstream_port = reactor.listenTCP(0, Site(upstream), interface="127.0.0.1")  # type: ignore[attr-defined]
+        base = f"http://127.0.0.1:{upstream_port.getHost().port}"
+        settings = Settings(litellm_base_url=base, max_body_bytes=LIMIT, **overrides)
+        pool = make_pool(reactor, settings)
+        client = LiteLLMClient(
+            base_url=base,
+            api_key="",
+            http=make_http_client(reactor, pool, settings),
+            clock=reactor,  # type: ignore[arg-type]
+            timeout=settings.litellm_timeout,
+        )
+        gateway = Gateway(settings, client, reactor)  # type: ignore[arg-type]
+        site = GatewaySite(gateway.resource(), settings.max_body_bytes)
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
+        started.extend([port, upstream_port, pool])
+        number = port.getHost().port
+        return Running(f"http://127.0.0.1:{number}", number, upstream)
+
+    yield start
+    for thing in started:
+        if hasattr(thing, "closeCachedConnections"):
+            await thing.closeCachedConnections()
+        else:
+            await thing.stopListening()
+
+
+class RawClient(protocol.Protocol):
+    """Sends raw bytes, collects what comes back."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.closed: defer.Deferred[None] = defer.Deferred()
+        self.got_data: defer.Deferred[None] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if not self.got_data.called:
+            self.got_data.callback(None)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed.callback(None)
+
+
+async def raw_connect(port: int) -> RawClient:
+    client = RawClient()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    return client
+
+
+def request_head(length: int | None, extra: bytes = b"") -> bytes:
+    size = b"content-length: %d\r\n" % length if length is not None else b""
+    chunked = b"transfer-encoding: chunked\r\n" if length is None else b""
+    return (
+        b"POST /api/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        + size
+        + chunked
+        + extra
+        + b"\r\n"
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_announced_body_over_the_limit_is_refused_before_it_is_sent(running: Any) -> None:
+    gateway = await running()
+    client = await raw_connect(gateway.port)
+    client.transport.write(request_head(LIMIT + 1, b"expect: 100-continue\r\n"))
+    await defer.DeferredList([client.closed], fireOnOneCallback=True).addTimeout(5, reactor)
+    head, _, body = client.received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 ")
+    assert b"100 Continue" not in client.received
+    document = json.loads(body)
+    assert document["error"] == "Payload Too Large"
+    assert str(LIMIT) in document["message"]
+    assert document["request_id"]
+    assert gateway.upstream.bodies == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_chunked_body_over_the_limit_is_refused_midway(running: Any) -> None:
+    gateway = await running()
+    client = await raw_connect(gateway.port)
+    client.transport.write(request_head(None))
+    chunk = b"x" * 16384
+    for _ in range(LIMIT // len(chunk) + 2):
+        client.transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    await client.got_data.addTimeout(5, reactor)
+    assert client.received.startswith(b"HTTP/1.1 413 ")
+    assert gateway.upstream.bodies == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_body_within_the_limit_is_forwarded_whole(running: Any) -> None:
+    gateway = await running("partial")
+    padding = "x" * (LIMIT - 200)
+    body = json.dumps({**CHAT, "stream": False, "pad": padding}).encode()
+    assert len(body) < LIMIT
+    pending = treq.post(f"{gateway.url}/api/chat/completions", data=body)
+    await gateway.upstream.arrived.addTimeout(5, reactor)
+    assert gateway.upstream.bodies == [body]
+    pending.cancel()
+
+
+@pytest.mark.parametrize("mode", ["stream", "silent", "partial"])
+@pytest_twisted.ensureDeferred
+async def test_client_leaving_closes_the_upstream_within_a_second(running: Any, mode: str) -> None:
+    gateway = await running(mode)
+    client = await raw_connect(gateway.port)
+    body = json.dumps({**CHAT, "stream": mode == "stream"}).encode()
+    client.transport.write(request_head(len(body)) + body)
+    await gateway.upstream.arrived.addTimeout(5, reactor)
+    await pause(0.2)
+    if mode == "stream":
+        assert client.received.count(b"data: ") >= 2, "events flow before the client leaves"
+    left_at = time.monotonic()
+    client.transport.loseConnection()
+    upstream_closed_at = await gateway.upstream.left.addTimeout(3, reactor)
+    assert upstream_closed_at - left_at < 1.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_reader_pauses_the_upstream(running: Any) -> None:
+    gateway = await running("stream")
+    gateway.upstream.interval, gateway.upstream.burst = 0, 4
+    client = await raw_connect(gateway.port)
+    client.transport.pauseProducing()  # a client that reads nothing
+    body = json.dumps({**CHAT, "stream": True}).encode()
+    client.transport.write(request_head(len(body)) + body)
+    await gateway.upstream.arrived.addTimeout(5, reactor)
+    await pause(1.5)
+    pump = gateway.upstream.pump
+    # The gateway stopped reading once the client's socket was full, so the upstream's
+    # own buffers filled and it was told to pause: memory stays bounded by socket buffers.
+    assert pump.times_paused >= 1
+    blocked_start = pump.written
+    await pause(0.5)
+    written_while_blocked = pump.written - blocked_start
+    client.transport.resumeProducing()  # reading again lets the flow run
+    flowing_start = pump.written
+    await pause(0.5)
+    written_while_flowing = pump.written - flowing_start
+    # Only socket buffers' worth went out before the pause (a few MB, not unbounded).
+    assert blocked_start * len(EventPump.padding) < 32 * 1024 * 1024
+    assert written_while_flowing > 10 * max(written_while_blocked, 1)
+    client.transport.loseConnection()
+    await gateway.upstream.left.addTimeout(3, reactor)

@@ -1,0 +1,132 @@
+"""Every bad input the contract names gets a 400 whose message names the field."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from mpcapi.validation import RequestValidator, field_path
+from tests.unit.conftest import CHAT, Harness, json_body
+
+USER = [{"role": "user", "content": "Hi"}]
+
+
+def chat(**fields: Any) -> bytes:
+    return json.dumps({**CHAT, **fields}).encode()
+
+
+def without(field: str) -> bytes:
+    return json.dumps({k: v for k, v in CHAT.items() if k != field}).encode()
+
+
+BAD_CHAT_BODIES = [
+    # (body, text the message must contain)
+    (b"{not json", "not valid JSON"),
+    (b"", "empty"),
+    (b"\xff\xfe{}", "not valid UTF-8"),
+    (b'{"model": "a", "messages": [], "temperature": NaN}', "NaN"),
+    (b"[1, 2]", "must be a JSON object, not an array"),
+    (b'"text"', "must be a JSON object, not a string"),
+    (b"42", "must be a JSON object, not a number"),
+    (b"null", "must be a JSON object, not null"),
+    (without("model"), "'model' is a required property"),
+    (chat(model=""), "model: '' should be non-empty"),
+    (chat(model=5), "model: 5 is not of type 'string'"),
+    (chat(model=None), "model: None is not of type 'string'"),
+    (without("messages"), "'messages' is a required property"),
+    (chat(messages=[]), "messages: [] should be non-empty"),
+    (chat(messages="Hi"), "messages: 'Hi' is not of type 'array'"),
+    (chat(messages=[{"content": "Hi"}]), "messages[0]: 'role' is a required property"),
+    (chat(messages=[{"role": "robot", "content": "x"}]), "messages[0].role: 'robot' is not one of"),
+    (chat(messages=[{"role": "user", "content": 5}]), "messages[0].content: 5 is not of type"),
+    (chat(messages=[{"role": "user", "content": {"a": 1}}]), "messages[0].content"),
+    (chat(messages=[{"role": "user", "content": [{"text": "x"}]}]), "messages[0].content[0]"),
+    (chat(messages=["Hi"]), "messages[0]: 'Hi' is not of type 'object'"),
+    (chat(temperature=2.5), "temperature: 2.5 is greater than the maximum of 2"),
+    (chat(temperature=-0.1), "temperature: -0.1 is less than the minimum of 0"),
+    (chat(temperature="hot"), "temperature: 'hot' is not of type 'number'"),
+    (chat(temperature=True), "temperature: True is not of type 'number'"),
+    (chat(top_p=1.5), "top_p: 1.5 is greater than the maximum of 1"),
+    (chat(top_p=-1), "top_p: -1 is less than the minimum of 0"),
+    (chat(max_tokens=0), "max_tokens: 0 is less than the minimum of 1"),
+    (chat(max_tokens=1.5), "max_tokens: 1.5 is not of type 'integer'"),
+    (chat(n=0), "n: 0 is less than the minimum of 1"),
+    (chat(stream="yes"), "stream: 'yes' is not of type 'boolean'"),
+    (chat(stream=1), "stream: 1 is not of type 'boolean'"),
+]
+
+
+@pytest.mark.parametrize(("body", "expected"), BAD_CHAT_BODIES)
+@pytest_twisted.ensureDeferred
+async def test_bad_chat_body_is_400(harness: Harness, body: bytes, expected: str) -> None:
+    response = await harness.post("/api/chat/completions", body)
+    assert response.code == 400
+    document = await json_body(response)
+    assert document["error"] == "Bad Request"
+    assert expected in document["message"]
+    assert document["request_id"]
+    assert harness.fake.seen == [], "nothing invalid reaches LiteLLM"
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "expected"),
+    [
+        ("/api/completions", {"model": "m"}, "'prompt' is a required property"),
+        ("/api/completions", {"model": "m", "prompt": 5}, "prompt: 5 is not valid"),
+        ("/api/completions", {"model": "m", "prompt": "x", "temperature": 3}, "temperature"),
+        ("/api/completions", {"prompt": "x"}, "'model' is a required property"),
+        ("/api/embeddings", {"model": "m"}, "'input' is a required property"),
+        ("/api/embeddings", {"model": "m", "input": ""}, "input: '' should be non-empty"),
+        ("/api/embeddings", {"model": "m", "input": []}, "input: []"),
+        ("/api/embeddings", {"model": "", "input": "x"}, "model: '' should be non-empty"),
+        ("/v1/embeddings", {"input": "x"}, "'model' is a required property"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_bad_completion_and_embedding_bodies_are_400(
+    harness: Harness, route: str, body: dict[str, Any], expected: str
+) -> None:
+    response = await harness.post(route, body)
+    assert response.code == 400
+    assert expected in (await json_body(response))["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_validation_lists_every_problem_in_details(harness: Harness) -> None:
+    response = await harness.post("/api/chat/completions", chat(temperature=9, top_p=9, n=0))
+    details = (await json_body(response))["details"]
+    assert {item["field"] for item in details} == {"temperature", "top_p", "n"}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "m", "prompt": ["a", "b"]},
+        {"model": "m", "prompt": [1, 2, 3]},
+        {"model": "m", "prompt": [[1, 2], [3]]},
+    ],
+)
+def test_valid_prompt_shapes(body: dict[str, Any]) -> None:
+    assert RequestValidator().validate("completions", json.dumps(body).encode()) == body
+
+
+def test_huge_values_are_messages_not_crashes() -> None:
+    validator = RequestValidator()
+    body = json.dumps({**CHAT, "messages": "x" * 100_000}).encode()
+    with pytest.raises(Exception) as raised:
+        validator.validate("chat_completions", body)
+    assert len(str(raised.value)) < 1000
+
+
+def test_deep_nesting_is_a_400() -> None:
+    body = b'{"model": "m", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(Exception, match="nested too deeply|not valid JSON"):
+        RequestValidator().validate("chat_completions", body)
+
+
+def test_field_path() -> None:
+    assert field_path(["messages", 0, "content", 1, "type"]) == "messages[0].content[1].type"
+    assert field_path([]) == ""
