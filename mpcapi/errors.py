@@ -90,4 +90,10 @@ def render_error(request: IRequest, error: ApiError, request_id: str) -> bytes:
     request.setHeader(b"content-type", JSON_CONTENT_TYPE)
     for name, value in error.headers.items():
         request.setHeader(name.encode("ascii"), value.encode("latin-1"))
-    return error.body(request_id)
+    return with_length(request, error.body(request_id))
+
+
+def with_length(request: IRequest, body: bytes) -> bytes:
+    """Declare the body's length: no chunked framing for a body we hold whole."""
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return body

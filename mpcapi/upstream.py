@@ -14,12 +14,20 @@ from typing import Any
 
 import attrs
 import treq
+from hyperlink import EncodedURL
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import (
+    URI,
     Agent,
+    BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     PotentialDataLoss,
     RequestNotSent,
@@ -28,9 +36,10 @@ from twisted.web.client import (
     ResponseFailed,
     ResponseNeverReceived,
     _HTTP11ClientFactory,
+    _StandardEndpointFactory,
 )
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IResponse
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from mpcapi.errors import ApiError, bad_gateway, gateway_timeout
@@ -90,13 +99,48 @@ def make_pool(reactor: Any, settings: Settings) -> HTTPConnectionPool:
     return pool
 
 
+@implementer(IAgentEndpointFactory)
+class _ReusedEndpoints:
+    """One endpoint per upstream host: Agent would build (and IDNA-encode) one per request."""
+
+    def __init__(self, reactor: Any, connect_timeout: float) -> None:
+        self._standard = _StandardEndpointFactory(
+            reactor, BrowserLikePolicyForHTTPS(), connect_timeout, None
+        )
+        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            endpoint = self._endpoints[key] = self._standard.endpointForURI(uri)
+        return endpoint
+
+
 def make_http_client(reactor: Any, pool: HTTPConnectionPool, settings: Settings) -> Any:
     """treq's HTTPClient on our pool; cookies refused, so no state leaks between clients."""
-    agent = Agent(reactor, pool=pool, connectTimeout=settings.connect_timeout)
+    endpoints = _ReusedEndpoints(reactor, settings.connect_timeout)
+    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
     no_cookies: Any = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
-    return treq.client.HTTPClient(
-        agent, cookiejar=no_cookies, data_to_body_producer=BytesProducer
-    )
+    return treq.client.HTTPClient(agent, cookiejar=no_cookies, data_to_body_producer=BytesProducer)
+
+
+class _WireURL(EncodedURL):
+    """A URL already in its wire form: treq need not IDNA-encode it on every request."""
+
+    def to_uri(self) -> _WireURL:  # type: ignore[override]
+        return self
+
+
+# Passed as each request's cookies: treq would otherwise build an empty jar per request.
+_NO_COOKIES = CookieJar()
+
+
+def _cancelled(failure_value: BaseException) -> bool:
+    if isinstance(failure_value, defer.CancelledError):
+        return True
+    reasons = getattr(failure_value, "reasons", None) or []
+    return any(reason.check(defer.CancelledError) for reason in reasons)
 
 
 def _reason(failure_value: BaseException) -> str:
@@ -128,8 +172,14 @@ class LiteLLMClient:
     clock: IReactorTime
     timeout: float
 
-    def url(self, path: str) -> str:
-        return self.base_url + path
+    _urls: dict[str, EncodedURL] = attrs.field(factory=dict, init=False)
+
+    def url(self, path: str) -> EncodedURL:
+        """The parsed URL of ``path`` under the base URL, built once per path."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = _WireURL.from_text(self.base_url + path)
+        return url
 
     def headers(self, client_authorization: bytes | None, request_id: str) -> Headers:
         """Our key when we have one, else the client's own Authorization."""
@@ -163,6 +213,7 @@ class LiteLLMClient:
             self.url(path),
             headers=self.headers(authorization, request_id),
             data=body,
+            cookies=_NO_COOKIES,
             allow_redirects=False,
             unbuffered=True,
         )
@@ -180,6 +231,8 @@ class LiteLLMClient:
                 raise gateway_timeout(
                     f"LiteLLM at {self.base_url} did not answer within {limit:g} s"
                 ) from None
+            if _cancelled(failure):  # the client left; nobody is waiting for an answer
+                raise defer.CancelledError() from None
             if isinstance(failure, _UNREACHABLE):
                 raise bad_gateway(
                     f"LiteLLM at {self.base_url} is unreachable: {_reason(failure)}"

@@ -31,6 +31,10 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# Built once: json.loads with any option builds a new decoder per call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def _json_type(value: object) -> str:
     names = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
     return names.get(type(value), "a number")
@@ -48,7 +52,7 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
             f"request body is not valid UTF-8 (bad byte at offset {offset})"
         ) from None
     try:
-        document = json.loads(text, parse_constant=_reject_constant)
+        document = _DECODER.decode(text)
     except json.JSONDecodeError as error:
         raise bad_request(
             f"request body is not valid JSON: {error.msg} (line {error.lineno}, "
