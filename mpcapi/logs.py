@@ -10,7 +10,7 @@ import json
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from twisted.logger import ILogObserver, LogEvent, formatEvent
+from twisted.logger import ILogObserver, LogEvent, formatEvent, textFileLogObserver
 from zope.interface import implementer
 
 # Keys of legacy twisted.python.log events that are not fields of ours.
@@ -60,11 +60,36 @@ def event_as_record(event: LogEvent) -> dict[str, Any]:
 
 @implementer(ILogObserver)
 class JsonLinesObserver:
-    """Writes each event as one JSON object per line."""
+    """Writes each event as one JSON object per line (naming its worker, if any)."""
 
-    def __init__(self, out: IO[str]) -> None:
+    def __init__(self, out: IO[str], worker: str | None = None) -> None:
         self._out = out
+        self._worker = worker
 
     def __call__(self, event: LogEvent) -> None:
-        self._out.write(json.dumps(event_as_record(event)) + "\n")
+        record = event_as_record(event)
+        if self._worker is not None:
+            record["worker"] = self._worker
+        self._out.write(json.dumps(record) + "\n")
         self._out.flush()
+
+
+@implementer(ILogObserver)
+class WorkerTextObserver:
+    """Twisted's text format, with the worker in the system column: ``[worker 2]``."""
+
+    def __init__(self, out: IO[str], worker: str) -> None:
+        self._text = textFileLogObserver(out)
+        self._system = worker if worker == "supervisor" else f"worker {worker}"
+
+    def __call__(self, event: LogEvent) -> None:
+        self._text({**event, "log_system": self._system})
+
+
+def observer_for(log_format: str, worker: str | None, out: IO[str]) -> ILogObserver | None:
+    """The observer the daemon installs; ``None`` leaves twistd's own text observer."""
+    if log_format == "json":
+        return JsonLinesObserver(out, worker)
+    if worker is not None:
+        return WorkerTextObserver(out, worker)
+    return None

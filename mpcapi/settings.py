@@ -83,6 +83,12 @@ def _non_empty(raw: Any) -> str:
     return text
 
 
+def _workers(raw: Any) -> int:
+    if str(raw).strip().lower() == "auto":
+        return os.cpu_count() or 1
+    return _positive_int(raw)
+
+
 def _log_format(raw: Any) -> str:
     text = _text(raw).lower()
     if text not in ("", *LOG_FORMATS):
@@ -160,6 +166,13 @@ SETTINGS: tuple[Setting, ...] = (
         "largest accepted request body in bytes (larger: 413)",
     ),
     Setting(
+        "workers",
+        ("MPCAPI_WORKERS",),
+        1,
+        _workers,
+        "worker processes sharing the port; 'auto' = one per CPU core",
+    ),
+    Setting(
         "env",
         ("MPCAPI_ENV", "NODE_ENV"),
         "production",
@@ -191,6 +204,7 @@ class Settings:
     ready_timeout: float = 2.0
     pool_size: int = 256
     max_body_bytes: int = 32 * 1024 * 1024
+    workers: int = 1
     env: str = "production"
     log_format: str = "json"
     config_file: str = ""

@@ -13,10 +13,19 @@ from twisted.python import usage
 from twisted.python.components import Componentized
 
 from mpcapi.app import Gateway
-from mpcapi.logs import JsonLinesObserver
+from mpcapi.logs import observer_for
 from mpcapi.settings import CONFIG_ENV, SETTINGS, ConfigError, Settings, load_settings
 from mpcapi.site import GatewaySite
 from mpcapi.upstream import LiteLLMClient, make_http_client, make_pool
+from mpcapi.workers import (
+    WORKER_FD_ENV,
+    WORKER_ID_ENV,
+    AdoptedPort,
+    WorkerPool,
+    install_reload_signal,
+    listening_socket,
+    worker_argv,
+)
 
 log = Logger(namespace="mpcapi")
 
@@ -40,22 +49,33 @@ class Options(usage.Options):
         values["config"] = self["config"]
         return values
 
+    def as_argv(self) -> list[str]:
+        """The options that were given, as command-line arguments (for worker processes)."""
+        return [
+            f"--{name.replace('_', '-')}={value}"
+            for name, value in self.given().items()
+            if value is not None
+        ]
+
 
 class GatewayService(MultiService):
-    """The daemon's service tree; installs the JSON log observer when configured."""
+    """The daemon's service tree; installs our log observer when the format needs one."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, worker: str | None = None) -> None:
         super().__init__()
         self.settings = settings
+        self.worker = worker
 
     def setServiceParent(self, parent: Any) -> None:
         # twistd logs through the application's ILogObserver when --logger is not given.
-        if self.settings.log_format == "json" and isinstance(parent, Componentized):
-            parent.setComponent(ILogObserver, JsonLinesObserver(sys.stdout))
+        observer = observer_for(self.settings.log_format, self.worker, sys.stdout)
+        if observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, observer)
         super().setServiceParent(parent)
 
     def startService(self) -> None:
-        log.info("MPC-API configuration: {settings}", settings=self.settings.masked())
+        if self.worker is None:
+            log.info("MPC-API configuration: {settings}", settings=self.settings.masked())
         super().startService()
 
 
@@ -70,9 +90,11 @@ class _PoolCloser(Service):
         return self._pool.closeCachedConnections()
 
 
-def build_service(settings: Settings, reactor: Any) -> MultiService:
+def build_service(
+    settings: Settings, reactor: Any, worker: str | None = None, inherited_fd: int | None = None
+) -> MultiService:
     """Wire the settings, the LiteLLM client, the app and the listening port."""
-    service = GatewayService(settings)
+    service = GatewayService(settings, worker)
     pool = make_pool(reactor, settings)
     upstream = LiteLLMClient(
         base_url=settings.litellm_base_url,
@@ -83,8 +105,28 @@ def build_service(settings: Settings, reactor: Any) -> MultiService:
     )
     gateway = Gateway(settings, upstream, reactor)
     site = GatewaySite(gateway.resource(), settings.max_body_bytes, reactor=reactor)
-    strports.service(settings.listen_endpoint, site, reactor=reactor).setServiceParent(service)
+    listening: Service
+    if inherited_fd is None:
+        listening = strports.service(settings.listen_endpoint, site, reactor=reactor)
+    else:
+        listening = AdoptedPort(reactor, inherited_fd, site)
+        install_reload_signal(reactor)
+    listening.setServiceParent(service)
     _PoolCloser(pool).setServiceParent(service)
+    return service
+
+
+def build_supervisor(settings: Settings, reactor: Any, options: Options) -> MultiService:
+    """Bind the port once and run ``settings.workers`` workers on it."""
+    service = GatewayService(settings, worker="supervisor")
+    try:
+        sock = listening_socket(settings.host, settings.port)
+    except OSError as error:
+        sys.stderr.write(f"mpcapi: cannot listen on {settings.host}:{settings.port}: {error}\n")
+        raise SystemExit(1) from None
+    argv = worker_argv(options.as_argv())
+    WorkerPool(reactor, sock, settings.workers, argv).setServiceParent(service)
+    log.info("MPC-API configuration: {settings}", settings=settings.masked())
     return service
 
 
@@ -96,4 +138,10 @@ def makeService(options: Options) -> IService:
         raise SystemExit(2) from None
     from twisted.internet import reactor
 
+    inherited_fd = os.environ.get(WORKER_FD_ENV)
+    if inherited_fd is not None:
+        worker = os.environ.get(WORKER_ID_ENV, "?")
+        return build_service(settings, reactor, worker, int(inherited_fd))
+    if settings.workers > 1:
+        return build_supervisor(settings, reactor, options)
     return build_service(settings, reactor)
