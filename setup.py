@@ -7,8 +7,9 @@ setup(
     version="0.1.0",
     description="OpenAI-compatible gateway in front of a LiteLLM proxy, on Twisted",
     python_requires=">=3.11",
-    packages=find_packages(exclude=["tests*", "bench*"]) + ["twisted.plugins"],
-    package_data={"mpcapi": ["schemas/*.json", "py.typed"], "twisted": ["plugins/mpcapi_plugin.py"]},
+    # twisted/plugins has no __init__.py (twistd finds plugins there), so it is named by hand.
+    packages=[*find_packages(exclude=["tests*", "bench*"]), "twisted.plugins"],
+    package_data={"mpcapi": ["schemas/*.json", "py.typed"]},
     install_requires=[
         "twisted>=24.7.0",
         "klein>=24.8.0",
@@ -16,6 +17,7 @@ setup(
         "jsonschema>=4.18.0",
         "python-dotenv>=1.0.0",
         "attrs>=23.1.0",
+        "autobahn>=24.4.2",
     ],
     extras_require={
         "test": [
@@ -26,6 +28,7 @@ setup(
             "mypy>=1.11",
             "mypy-zope>=1.0",
             "types-jsonschema",
+            "websockets>=13.0",
         ],
     },
 )

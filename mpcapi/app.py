@@ -29,12 +29,14 @@ from mpcapi.errors import (
     not_found,
     render_error,
     set_status,
+    with_length,
 )
 from mpcapi.requestlog import RequestLogging, record_of
 from mpcapi.settings import Settings
 from mpcapi.streaming import SSE_HEADERS, SSERelay
 from mpcapi.upstream import LiteLLMClient, check_upstream_status, relayed_headers
 from mpcapi.validation import RequestValidator
+from mpcapi.websocket import WebSocketEndpoint
 
 log = Logger(namespace="mpcapi.app")
 
@@ -52,7 +54,7 @@ def iso_timestamp(seconds: float) -> str:
 def _json(request: Request, status: int, document: Any) -> bytes:
     set_status(request, status)
     request.setHeader(b"content-type", JSON_CONTENT_TYPE)
-    return json.dumps(document).encode("utf-8")
+    return with_length(request, json.dumps(document).encode("utf-8"))
 
 
 class Gateway:
@@ -71,6 +73,7 @@ class Gateway:
         self.upstream = upstream
         self.clock = clock
         self.validator = validator or RequestValidator()
+        self.websockets = WebSocketEndpoint(settings, upstream, clock, self.validator)
 
     def resource(self) -> IResource:
         return RequestLogging(self.app.resource(), self.clock)
@@ -133,6 +136,11 @@ class Gateway:
     @app.route(f"{PREFIX}/embeddings", methods=["POST"])
     async def embeddings(self, request: Request, prefix: str) -> bytes | None:
         return await self._post(request, "/embeddings", "embeddings", streams=False)
+
+    @app.route(f"{PREFIX}/ws", methods=["GET"])
+    def websocket(self, request: Request, prefix: str) -> IResource:
+        """The WebSocket endpoint (see ``mpcapi.websocket``); 426 for plain HTTP."""
+        return self.websockets.resource(request)
 
     async def _post(self, request: Request, path: str, schema: str, streams: bool) -> bytes | None:
         """Validate the body, then forward its original bytes (streamed when asked)."""
@@ -197,7 +205,7 @@ class Gateway:
         set_status(request, response.code)
         for name, values in relayed_headers(response).items():
             request.responseHeaders.setRawHeaders(name, values)
-        return answer
+        return with_length(request, answer)
 
     # Errors
 

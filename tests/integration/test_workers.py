@@ -83,8 +83,9 @@ def test_a_dead_worker_is_replaced_and_sigterm_stops_all(
     victim = children(daemon.process.pid)[0]
     os.kill(victim, signal.SIGKILL)
     assert wait_until(
-        lambda: len(children(daemon.process.pid)) == 2
-        and victim not in children(daemon.process.pid),
+        lambda: (
+            len(children(daemon.process.pid)) == 2 and victim not in children(daemon.process.pid)
+        ),
         10,
     ), "the supervisor starts a new worker"
     assert burst(daemon.url, 16) == [200] * 16
