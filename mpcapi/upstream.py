@@ -150,16 +150,33 @@ def _reason(failure_value: BaseException) -> str:
     return str(failure_value) or type(failure_value).__name__
 
 
-def error_message(body: bytes) -> str:
-    """The human part of an error body from LiteLLM, shortened for our own messages."""
+def _error_detail(body: bytes) -> Any:
+    """The ``error`` member of an OpenAI-style error body (or the whole document)."""
     try:
         document = json.loads(body)
-        detail = document.get("error", document)
-        message = detail.get("message", detail) if isinstance(detail, dict) else detail
-        text = str(message)
-    except (ValueError, AttributeError):
-        text = body.decode("utf-8", "replace")
-    return text[:500]
+    except ValueError:
+        return None
+    return document.get("error", document) if isinstance(document, dict) else document
+
+
+def error_message(body: bytes) -> str:
+    """The human part of an error body from LiteLLM, shortened for our own messages."""
+    detail = _error_detail(body)
+    if detail is None:
+        return body.decode("utf-8", "replace")[:500]
+    message = detail.get("message", detail) if isinstance(detail, dict) else detail
+    return str(message)[:500]
+
+
+# LiteLLM without a database answers an unknown key with 400 of this type, not 401.
+KEY_REFUSAL_TYPES = frozenset({"auth_error", "no_db_connection"})
+
+
+def _refuses_key(status: int, body: bytes) -> bool:
+    if status in (401, 403):
+        return True
+    detail = _error_detail(body) if status == 400 else None
+    return isinstance(detail, dict) and detail.get("type") in KEY_REFUSAL_TYPES
 
 
 @attrs.define
@@ -315,7 +332,7 @@ def check_upstream_status(status: int, body: bytes, *, our_key: bool, base_url: 
     """Raise the 502 that a LiteLLM 5xx (or a refusal of our own key) stands for."""
     if status >= 500:
         raise bad_gateway(f"LiteLLM answered {status}: {error_message(body)}")
-    if our_key and status in (401, 403):
+    if our_key and _refuses_key(status, body):
         raise bad_gateway(
             f"LiteLLM at {base_url} refused the gateway's LITELLM_API_KEY ({status}): "
             f"{error_message(body)}"

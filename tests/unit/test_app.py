@@ -275,6 +275,18 @@ async def test_litellm_refusing_our_key_is_502(harness: Harness, status: int) ->
 
 
 @pytest_twisted.ensureDeferred
+async def test_litellm_without_database_refusing_our_key_is_502(harness: Harness) -> None:
+    # What LiteLLM with no database answers for any key but its master key.
+    harness.fake.routes[("POST", "/chat/completions")] = answer(
+        400, {"error": {"message": "No connected db.", "type": "no_db_connection", "code": "400"}}
+    )
+    response = await harness.post("/api/chat/completions", CHAT)
+    assert response.code == 502
+    message = (await json_body(response))["message"]
+    assert "LITELLM_API_KEY" in message and "No connected db." in message
+
+
+@pytest_twisted.ensureDeferred
 async def test_litellm_refusing_the_clients_own_key_is_401() -> None:
     harness = make_harness(litellm_api_key="")
     harness.fake.routes[("POST", "/chat/completions")] = answer(
