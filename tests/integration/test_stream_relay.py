@@ -106,9 +106,7 @@ def open_stream(daemon: Daemon) -> tuple[http.client.HTTPConnection, http.client
     host, port = daemon.url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=10)
     body = json.dumps({"model": "gpt-4o-mini", "messages": HELLO, "stream": True})
-    connection.request(
-        "POST", "/api/chat/completions", body, {"content-type": "application/json"}
-    )
+    connection.request("POST", "/api/chat/completions", body, {"content-type": "application/json"})
     return connection, connection.getresponse()
 
 
