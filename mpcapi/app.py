@@ -35,6 +35,7 @@ from mpcapi.requestlog import RequestLogging, record_of
 from mpcapi.settings import Settings
 from mpcapi.streaming import SSE_HEADERS, SSERelay
 from mpcapi.upstream import LiteLLMClient, check_upstream_status, relayed_headers
+from mpcapi.usage import usage_of_answer
 from mpcapi.validation import RequestValidator
 from mpcapi.websocket import WebSocketEndpoint
 
@@ -123,6 +124,7 @@ class Gateway:
 
     @app.route(f"{PREFIX}/models", methods=["GET"])
     async def models(self, request: Request, prefix: str) -> bytes:
+        record_of(request).route = "/models"
         return await self._forward(request, "GET", "/models", None)
 
     @app.route(f"{PREFIX}/chat/completions", methods=["POST"])
@@ -145,8 +147,10 @@ class Gateway:
     async def _post(self, request: Request, path: str, schema: str, streams: bool) -> bytes | None:
         """Validate the body, then forward its original bytes (streamed when asked)."""
         body = request.content.read() if request.content is not None else b""
+        record = record_of(request)
+        record.route = path
         document = self.validator.validate(schema, body)
-        record_of(request).model = document["model"]
+        record.model = document["model"]
         if streams and document.get("stream") is True:
             return await self._stream(request, path, body)
         return await self._forward(request, "POST", path, body)
@@ -156,6 +160,8 @@ class Gateway:
         response = await self._send(request, method, path, body)
         answer = await self.upstream.read_body(response)
         self._check(response, answer)
+        if response.code == 200:
+            record_of(request).usage = usage_of_answer(answer, response)
         return self._relay(request, response, answer)
 
     async def _stream(self, request: Request, path: str, body: bytes) -> bytes | None:
@@ -182,6 +188,7 @@ class Gateway:
         self, request: Request, method: str, path: str, body: bytes | None
     ) -> IResponse:
         record = record_of(request)
+        sent_at = self.clock.seconds()
         response = await self.upstream.send(
             method,
             path,
@@ -190,6 +197,7 @@ class Gateway:
             request_id=record.request_id,
         )
         record.upstream_status = response.code
+        record.upstream_seconds = self.clock.seconds() - sent_at
         return response
 
     def _check(self, response: IResponse, answer: bytes) -> None:
@@ -212,7 +220,9 @@ class Gateway:
     @app.handle_errors(ApiError)
     def api_error(self, request: IRequest, failure: Failure) -> bytes:
         error: ApiError = failure.value  # type: ignore[assignment]
-        return render_error(request, error, record_of(request).request_id)
+        record = record_of(request)
+        record.upstream_failure = error.upstream_failure
+        return render_error(request, error, record.request_id)
 
     @app.handle_errors(NotFound)
     def unknown_route(self, request: IRequest, failure: Failure) -> bytes:

@@ -28,6 +28,7 @@ class ApiError(Exception):
         *,
         details: Sequence[Mapping[str, Any]] | None = None,
         headers: Mapping[str, str] | None = None,
+        upstream_failure: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -35,6 +36,8 @@ class ApiError(Exception):
         self.message = message
         self.details = details
         self.headers = dict(headers or {})
+        # For errors LiteLLM caused: unreachable, timeout, status_5xx, key_refused, broken.
+        self.upstream_failure = upstream_failure
 
     def body(self, request_id: str) -> bytes:
         document: dict[str, Any] = {
@@ -63,12 +66,12 @@ def payload_too_large(limit: int) -> ApiError:
     return ApiError(413, "Payload Too Large", f"request body exceeds the limit of {limit} bytes")
 
 
-def bad_gateway(message: str) -> ApiError:
-    return ApiError(502, "Bad Gateway", message)
+def bad_gateway(message: str, upstream_failure: str) -> ApiError:
+    return ApiError(502, "Bad Gateway", message, upstream_failure=upstream_failure)
 
 
 def gateway_timeout(message: str) -> ApiError:
-    return ApiError(504, "Gateway Timeout", message)
+    return ApiError(504, "Gateway Timeout", message, upstream_failure="timeout")
 
 
 def internal_error() -> ApiError:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -19,7 +21,9 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 
+from mpcapi.errors import bad_request, render_error
 from mpcapi.streaming import SSERelay
+from mpcapi.usage import Usage
 
 log = Logger(namespace="mpcapi.request")
 
@@ -49,10 +53,17 @@ class RequestRecord:
 
     request_id: str
     started: float
+    route: str | None = None  # the OpenAI operation, e.g. "/chat/completions"
     model: str | None = None
     upstream_status: int | None = None
+    upstream_seconds: float | None = None  # until LiteLLM's response headers
+    upstream_failure: str | None = None  # see ApiError.upstream_failure
+    usage: Usage | None = None
     stream: SSERelay | None = None
     outcome: str = "completed"
+
+    def final_usage(self) -> Usage | None:
+        return self.stream.usage if self.stream is not None else self.usage
 
 
 def record_of(request: IRequest) -> RequestRecord:
@@ -73,7 +84,17 @@ def log_fields(request: Any, record: RequestRecord, now: float) -> dict[str, Any
         "bytes_sent": request.sentLength,
         "outcome": record.outcome,
         "client": _client_address(request),
+        "route": record.route,
     }
+    if record.upstream_seconds is not None:
+        fields["upstream_ms"] = round(record.upstream_seconds * 1000, 2)
+    if record.upstream_failure is not None:
+        fields["upstream_failure"] = record.upstream_failure
+    usage = record.final_usage()
+    if usage is not None:
+        fields["prompt_tokens"] = usage.prompt_tokens
+        fields["completion_tokens"] = usage.completion_tokens
+        fields["cost_usd"] = usage.cost_usd
     stream = record.stream
     if stream is not None:
         first = stream.first_byte_at
@@ -89,21 +110,34 @@ def _client_address(request: Any) -> str | None:
     return getattr(peer, "host", None)
 
 
+# Called with the fields of every finished request (metrics, the usage ledger).
+RequestObserver = Callable[[dict[str, Any]], None]
+
+
 class RequestLogging(Resource):
     """Wraps a leaf resource with the request id and the per-request log event."""
 
     isLeaf = True
 
-    def __init__(self, wrapped: IResource, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        wrapped: IResource,
+        clock: IReactorTime,
+        observers: Sequence[RequestObserver] = (),
+    ) -> None:
         super().__init__()
         self._wrapped = wrapped
         self._clock = clock
+        self._observers = list(observers)
 
     def render(self, request: Any) -> Any:
         record = RequestRecord(request_id=request_id_for(request), started=self._clock.seconds())
         setattr(request, _ATTRIBUTE, record)
         request.setHeader(b"x-request-id", record.request_id.encode("ascii"))
         request.notifyFinish().addBoth(self._finished, request, record)
+        if not _utf8(request.path):  # Klein would answer this in plain text
+            message = "request path is not valid UTF-8"
+            return render_error(request, bad_request(message), record.request_id)
         result = self._wrapped.render(request)
         return NOT_DONE_YET if result is NOT_DONE_YET else result
 
@@ -112,3 +146,16 @@ class RequestLogging(Resource):
             record.outcome = "client_abort"
         fields = log_fields(request, record, self._clock.seconds())
         log.info(STREAM_FORMAT if record.stream else REQUEST_FORMAT, **fields)
+        for observe in self._observers:
+            try:
+                observe(fields)
+            except Exception:
+                log.failure("request observer {observer!r} failed", observer=observe)
+
+
+def _utf8(raw: bytes) -> bool:
+    try:
+        unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

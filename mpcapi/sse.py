@@ -13,6 +13,7 @@ import re
 import attrs
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
+DONE = "[DONE]"  # the data of the event that ends an OpenAI stream
 
 
 @attrs.frozen

@@ -21,13 +21,14 @@ from twisted.web.client import ResponseDone
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from mpcapi.sse import DONE, SSEEvent, SSEParser
+from mpcapi.usage import Usage, usage_of_event
+
 SSE_HEADERS = {
     b"content-type": b"text/event-stream",
     b"cache-control": b"no-cache",
     b"x-accel-buffering": b"no",
 }
-_DONE_MARKER = b"data: [DONE]"
-_TAIL = 64  # bytes kept across chunks to spot event boundaries and [DONE]
 
 
 class StreamEnd(Enum):
@@ -57,12 +58,13 @@ class SSERelay(Protocol):
         self._clock = clock
         self._idle_timeout = idle_timeout
         self._timer: IDelayedCall | None = None
-        self._tail = b""
+        self._parser = SSEParser()
         self.outcome: StreamEnd | None = None
         self.started = clock.seconds()
         self.first_byte_at: float | None = None
         self.events = 0
         self.saw_done = False
+        self.usage: Usage | None = None
         self.ended: Deferred[StreamEnd] = Deferred()
 
     # Upstream side (IProtocol)
@@ -78,7 +80,8 @@ class SSERelay(Protocol):
         if self.first_byte_at is None:
             self.first_byte_at = self._clock.seconds()
         self._request.write(data)
-        self._count_events(data)
+        for event in self._parser.feed(data):
+            self._observe(event)
         if self._timer is not None:
             self._timer.reset(self._idle_timeout)
 
@@ -111,14 +114,14 @@ class SSERelay(Protocol):
 
     # Internals
 
-    def _count_events(self, data: bytes) -> None:
-        window = self._tail + data
-        normalised = window.replace(b"\r\n", b"\n")
-        tail_events = self._tail.replace(b"\r\n", b"\n").count(b"\n\n")
-        self.events += normalised.count(b"\n\n") - tail_events
-        if _DONE_MARKER in window:
+    def _observe(self, event: SSEEvent) -> None:
+        """Count the event; note the end marker and the usage chunk (they are not relayed
+        any differently: the bytes already went out as they came)."""
+        self.events += 1
+        if event.data == DONE:
             self.saw_done = True
-        self._tail = window[-_TAIL:]
+        else:
+            self.usage = usage_of_event(event.data) or self.usage
 
     def _timed_out(self) -> None:
         self._timer = None

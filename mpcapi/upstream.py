@@ -252,7 +252,8 @@ class LiteLLMClient:
                 raise defer.CancelledError() from None
             if isinstance(failure, _UNREACHABLE):
                 raise bad_gateway(
-                    f"LiteLLM at {self.base_url} is unreachable: {_reason(failure)}"
+                    f"LiteLLM at {self.base_url} is unreachable: {_reason(failure)}",
+                    "unreachable",
                 ) from None
             raise
         finally:
@@ -294,7 +295,9 @@ class BodyCollector(Protocol):
             self.done.callback(b"".join(self._chunks))
         else:
             self.done.errback(
-                bad_gateway(f"LiteLLM at {self._source} broke off its answer: {reason.value}")
+                bad_gateway(
+                    f"LiteLLM at {self._source} broke off its answer: {reason.value}", "broken"
+                )
             )
 
     def _timed_out(self) -> None:
@@ -331,11 +334,12 @@ def relayed_headers(response: IResponse) -> Mapping[bytes, list[bytes]]:
 def check_upstream_status(status: int, body: bytes, *, our_key: bool, base_url: str) -> None:
     """Raise the 502 that a LiteLLM 5xx (or a refusal of our own key) stands for."""
     if status >= 500:
-        raise bad_gateway(f"LiteLLM answered {status}: {error_message(body)}")
+        raise bad_gateway(f"LiteLLM answered {status}: {error_message(body)}", "status_5xx")
     if our_key and _refuses_key(status, body):
         raise bad_gateway(
             f"LiteLLM at {base_url} refused the gateway's LITELLM_API_KEY ({status}): "
-            f"{error_message(body)}"
+            f"{error_message(body)}",
+            "key_refused",
         )
 
 

@@ -39,7 +39,7 @@ from zope.interface import implementer
 from mpcapi.errors import ApiError, bad_gateway, bad_request, gateway_timeout, internal_error
 from mpcapi.requestlog import STREAM_FORMAT
 from mpcapi.settings import Settings
-from mpcapi.sse import SSEEvent, SSEParser
+from mpcapi.sse import DONE, SSEEvent, SSEParser
 from mpcapi.upstream import LiteLLMClient, check_upstream_status, error_message
 from mpcapi.validation import RequestValidator, parse_json_object
 
@@ -52,7 +52,6 @@ PING_TIMEOUT = 30.0
 # Messages up to max_body_bytes are read; larger ones are counted and discarded (then answered
 # 413) up to this many times the limit, beyond which autobahn closes the socket (1009).
 HARD_LIMIT_FACTOR = 4
-DONE = "[DONE]"
 WS_FORMAT = STREAM_FORMAT + " type={ws_type}"
 
 
@@ -451,7 +450,7 @@ class UpstreamStream(Protocol):
             why = "LiteLLM closed the stream without [DONE]"
         else:
             why = f"LiteLLM broke off the stream: {reason.value}"
-        self._fail(bad_gateway(why), "upstream_error")
+        self._fail(bad_gateway(why, "broken"), "upstream_error")
 
     def cancel(self) -> None:
         self._stop()
@@ -479,7 +478,9 @@ class UpstreamStream(Protocol):
         try:
             chunk = json.loads(event.data)
         except ValueError:
-            self._fail(bad_gateway("LiteLLM sent an event that is not JSON"), "upstream_error")
+            self._fail(
+                bad_gateway("LiteLLM sent an event that is not JSON", "broken"), "upstream_error"
+            )
             self._close_upstream()
             return
         problem = self._reported_error(chunk)

@@ -101,6 +101,7 @@ class Harness:
     upstream_stub: Any
     client: Any
     settings: Settings
+    upstream: LiteLLMClient
 
     def flush(self) -> None:
         for _ in range(5):
@@ -128,7 +129,7 @@ def make_harness(**overrides: Any) -> Harness:
         timeout=settings.litellm_timeout,
     )
     gateway = Gateway(settings, upstream, clock)
-    return Harness(fake, clock, upstream_stub, StubTreq(gateway.resource()), settings)
+    return Harness(fake, clock, upstream_stub, StubTreq(gateway.resource()), settings, upstream)
 
 
 @pytest.fixture

@@ -7,8 +7,11 @@ import re
 
 import pytest
 import pytest_twisted
+from treq.testing import StubTreq
 from twisted.internet import defer
 
+from mpcapi.app import Gateway
+from mpcapi.requestlog import RequestLogging, RequestObserver
 from tests.unit.conftest import (
     CHAT,
     COMPLETION,
@@ -342,3 +345,63 @@ def make_broken_client(validator: object) -> object:
     base = make_harness()
     gateway = Gateway(base.settings, object(), base.clock, validator)  # type: ignore[arg-type]
     return StubTreq(gateway.resource())
+
+
+# What every finished request reports (log event fields, and the observers' input)
+
+
+def observed_harness(*observers: RequestObserver) -> tuple[Harness, list[dict[str, object]]]:
+    """A harness whose gateway reports finished requests to ``observers`` and a list."""
+    harness = make_harness()
+    seen: list[dict[str, object]] = []
+    app = Gateway(harness.settings, harness.upstream, harness.clock)
+    resource = RequestLogging(app.app.resource(), harness.clock, [*observers, seen.append])
+    harness.client = StubTreq(resource)
+    return harness, seen
+
+
+@pytest_twisted.ensureDeferred
+async def test_finished_requests_report_route_tokens_and_cost() -> None:
+    harness, seen = observed_harness()
+    harness.fake.routes[("POST", "/chat/completions")] = answer(
+        200, COMPLETION, {"x-litellm-response-cost": "0.00042"}
+    )
+    await harness.post("/v1/chat/completions", CHAT, headers={"x-request-id": "r1"})
+    (fields,) = seen
+    assert fields["request_id"] == "r1"
+    assert fields["route"] == "/chat/completions"
+    assert fields["method"] == "POST"
+    assert fields["status"] == 200
+    assert fields["model"] == "gpt-4o-mini"
+    assert fields["upstream_status"] == 200
+    assert (fields["prompt_tokens"], fields["completion_tokens"]) == (3, 1)
+    assert fields["cost_usd"] == 0.00042
+    assert fields["outcome"] == "completed"
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_failures_are_reported_by_kind() -> None:
+    harness, seen = observed_harness()
+    harness.fake.routes[("POST", "/chat/completions")] = answer(503, {"error": "busy"})
+    await harness.post("/api/chat/completions", CHAT)
+    assert seen[0]["status"] == 502
+    assert seen[0]["upstream_failure"] == "status_5xx"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_observer_does_not_break_requests() -> None:
+    def broken(fields: dict[str, object]) -> None:
+        raise RuntimeError("observer bug")
+
+    harness, seen = observed_harness(broken)
+    response = await harness.get("/health")
+    assert response.code == 200
+    assert len(seen) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_non_utf8_path_is_a_json_400(harness: Harness) -> None:
+    response = await harness.get("/api/%ff%fe")
+    assert response.code == 400
+    document = await json_body(response)
+    assert document["message"] == "request path is not valid UTF-8"

@@ -158,3 +158,24 @@ def test_error_event_is_one_sse_event() -> None:
     raw = error_event("boom", "upstream_error")
     assert raw.startswith(b"data: ") and raw.endswith(b"\n\n") and raw.count(b"\n\n") == 1
     assert json.loads(raw[6:]) == {"error": {"message": "boom", "type": "upstream_error"}}
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_of_a_stream_comes_from_its_last_chunk() -> None:
+    from tests.unit.test_app import observed_harness
+
+    harness, seen = observed_harness()
+    usage = {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}
+    final = b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n"
+
+    def stream(request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/event-stream")
+        return event(0) + final + b"data: [DONE]\n\n"
+
+    harness.fake.routes[("POST", "/chat/completions")] = stream
+    response = await harness.post("/api/chat/completions", STREAM)
+    assert (await response.content()).endswith(final + b"data: [DONE]\n\n")
+    (fields,) = seen
+    assert (fields["prompt_tokens"], fields["completion_tokens"]) == (9, 5)
+    assert fields["events"] == 3
+    assert fields["outcome"] == "completed"

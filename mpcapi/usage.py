@@ -1,0 +1,75 @@
+"""Token usage and cost of one answer, as LiteLLM reports them.
+
+Non-streamed answers carry ``usage`` in their body and LiteLLM's cost in the
+``x-litellm-response-cost`` header; a stream carries ``usage`` in its last chunk (when the
+client asked for it with ``stream_options.include_usage``) and no cost header.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import attrs
+from twisted.web.iweb import IResponse
+
+COST_HEADER = b"x-litellm-response-cost"
+
+
+@attrs.frozen
+class Usage:
+    """Tokens of one request, and its cost in USD when LiteLLM said it."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def _tokens(document: Any) -> Usage | None:
+    usage = document.get("usage") if isinstance(document, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return Usage(
+        prompt_tokens=prompt if isinstance(prompt, int) else 0,
+        completion_tokens=completion if isinstance(completion, int) else 0,
+    )
+
+
+def usage_of_answer(body: bytes, response: IResponse) -> Usage | None:
+    """The usage of a whole JSON answer, with the cost header when LiteLLM sent one."""
+    if b'"usage"' not in body:
+        return None
+    try:
+        usage = _tokens(json.loads(body))
+    except ValueError:
+        return None
+    if usage is None:
+        return None
+    return attrs.evolve(usage, cost_usd=cost_of(response))
+
+
+def usage_of_event(data: str) -> Usage | None:
+    """The usage carried by one stream event's data, if any (the final chunk's)."""
+    if '"usage"' not in data:
+        return None
+    try:
+        return _tokens(json.loads(data))
+    except ValueError:
+        return None
+
+
+def cost_of(response: IResponse) -> float | None:
+    values = response.headers.getRawHeaders(COST_HEADER)
+    if not values:
+        return None
+    try:
+        cost = float(values[0])
+    except ValueError:
+        return None
+    return cost if math.isfinite(cost) and cost >= 0 else None
