@@ -61,6 +61,10 @@ class RequestRecord:
     usage: Usage | None = None
     stream: SSERelay | None = None
     outcome: str = "completed"
+    key_id: str | None = None  # the client key's id (never the key) when auth is on
+    user: str | None = None  # the key's owner
+    cache: str | None = None  # hit, miss or bypass, for cacheable requests
+    rate_limited: bool = False
 
     def final_usage(self) -> Usage | None:
         return self.stream.usage if self.stream is not None else self.usage
@@ -85,6 +89,10 @@ def log_fields(request: Any, record: RequestRecord, now: float) -> dict[str, Any
         "outcome": record.outcome,
         "client": _client_address(request),
         "route": record.route,
+        "key_id": record.key_id,
+        "user": record.user,
+        "cache": record.cache,
+        "rate_limited": record.rate_limited,
     }
     if record.upstream_seconds is not None:
         fields["upstream_ms"] = round(record.upstream_seconds * 1000, 2)

@@ -89,6 +89,50 @@ def _workers(raw: Any) -> int:
     return _positive_int(raw)
 
 
+def _non_negative_int(raw: Any) -> int:
+    if str(raw).strip() == "":
+        return 0
+    value = _integer(raw)
+    if value < 0:
+        raise ValueError(f"{raw!r} must be 0 or more")
+    return value
+
+
+def _boolean(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{raw!r} is not true or false")
+
+
+def _one_of(*choices: str) -> Callable[[Any], str]:
+    def parse(raw: Any) -> str:
+        text = str(raw).strip().lower()
+        if text not in choices:
+            raise ValueError(f"{raw!r} is not one of: {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _database_url(raw: Any) -> str:
+    text = str(raw).strip()
+    if not text.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        raise ValueError(f"{text!r} must start with sqlite:/// or postgresql://")
+    return text
+
+
+def _redis_url(raw: Any) -> str:
+    text = str(raw).strip()
+    if text and not text.startswith(("redis://", "unix://")):
+        raise ValueError(f"{text!r} must be empty or start with redis://")
+    return text
+
+
 def _log_format(raw: Any) -> str:
     text = _text(raw).lower()
     if text not in ("", *LOG_FORMATS):
@@ -173,6 +217,77 @@ SETTINGS: tuple[Setting, ...] = (
         "worker processes sharing the port; 'auto' = one per CPU core",
     ),
     Setting(
+        "auth",
+        ("MPCAPI_AUTH",),
+        "off",
+        _one_of("off", "keys"),
+        "off: open, as the seed; keys: /api and /v1 need a client key (mpcapi-admin keys create)",
+    ),
+    Setting(
+        "database_url",
+        ("MPCAPI_DATABASE_URL",),
+        "sqlite:///mpcapi.db",
+        _database_url,
+        "client keys and usage: sqlite:///<path> (relative: working directory) or postgresql://",
+    ),
+    Setting(
+        "admin_key",
+        ("MPCAPI_ADMIN_KEY",),
+        "",
+        _text,
+        "key of the admin surfaces (usage, metrics, dashboard); empty: they are closed",
+        secret=True,
+    ),
+    Setting(
+        "default_rpm",
+        ("MPCAPI_DEFAULT_RPM",),
+        0,
+        _non_negative_int,
+        "requests per minute for keys (or client addresses) that set none; 0: unlimited",
+    ),
+    Setting(
+        "default_tpm",
+        ("MPCAPI_DEFAULT_TPM",),
+        0,
+        _non_negative_int,
+        "tokens per minute for keys (or client addresses) that set none; 0: unlimited",
+    ),
+    Setting(
+        "redis_url",
+        ("MPCAPI_REDIS_URL",),
+        "",
+        _redis_url,
+        "Redis shared by instances for limits and cache; empty: in memory, per process",
+    ),
+    Setting(
+        "cache_ttl",
+        ("MPCAPI_CACHE_TTL",),
+        0,
+        _non_negative_int,
+        "seconds a successful answer is cached; 0: no cache",
+    ),
+    Setting(
+        "cache_scope",
+        ("MPCAPI_CACHE_SCOPE",),
+        "key",
+        _one_of("key", "global"),
+        "key: each key owner has its own cache; global: one cache for everyone",
+    ),
+    Setting(
+        "cache_max_bytes",
+        ("MPCAPI_CACHE_MAX_BYTES",),
+        64 * 1024 * 1024,
+        _positive_int,
+        "size limit of the in-memory cache (least recently used answers go first)",
+    ),
+    Setting(
+        "metrics_public",
+        ("MPCAPI_METRICS_PUBLIC",),
+        False,
+        _boolean,
+        "true: /metrics needs no admin key",
+    ),
+    Setting(
         "env",
         ("MPCAPI_ENV", "NODE_ENV"),
         "production",
@@ -205,6 +320,16 @@ class Settings:
     pool_size: int = 256
     max_body_bytes: int = 32 * 1024 * 1024
     workers: int = 1
+    auth: str = "off"
+    database_url: str = "sqlite:///mpcapi.db"
+    admin_key: str = ""
+    default_rpm: int = 0
+    default_tpm: int = 0
+    redis_url: str = ""
+    cache_ttl: int = 0
+    cache_scope: str = "key"
+    cache_max_bytes: int = 64 * 1024 * 1024
+    metrics_public: bool = False
     env: str = "production"
     log_format: str = "json"
     config_file: str = ""
