@@ -125,6 +125,7 @@ class Gateway:
     @app.route(f"{PREFIX}/models", methods=["GET"])
     async def models(self, request: Request, prefix: str) -> bytes:
         record_of(request).route = "/models"
+        await self._admit(request)
         return await self._forward(request, "GET", "/models", None)
 
     @app.route(f"{PREFIX}/chat/completions", methods=["POST"])
@@ -149,11 +150,16 @@ class Gateway:
         body = request.content.read() if request.content is not None else b""
         record = record_of(request)
         record.route = path
+        await self._admit(request)
         document = self.validator.validate(schema, body)
         record.model = document["model"]
         if streams and document.get("stream") is True:
             return await self._stream(request, path, body)
         return await self._forward(request, "POST", path, body)
+
+    async def _admit(self, request: Request) -> None:
+        """The policy in front of every OpenAI route: who is calling (client keys), then
+        whether they may (rate limits). Raises the ApiError that refuses the request."""
 
     async def _forward(self, request: Request, method: str, path: str, body: bytes | None) -> bytes:
         """Send to LiteLLM and relay its answer; client errors pass through as they are."""
