@@ -304,6 +304,8 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 CONFIG_ENV = "MPCAPI_CONFIG"
+# Pending connections the kernel queues for us; Twisted's default of 50 drops bursts.
+LISTEN_BACKLOG = 1024
 
 
 @attrs.frozen
@@ -337,7 +339,7 @@ class Settings:
     @property
     def listen_endpoint(self) -> str:
         host = self.host.replace(":", "\\:")
-        return f"tcp:port={self.port}:interface={host}"
+        return f"tcp:port={self.port}:interface={host}:backlog={LISTEN_BACKLOG}"
 
     def masked(self) -> dict[str, Any]:
         """The settings as a dict, with every secret replaced by asterisks."""

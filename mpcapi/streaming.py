@@ -14,14 +14,14 @@ from enum import Enum
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.server import Request
 from zope.interface import implementer
 
 from mpcapi.sse import DONE, SSEEvent, SSEParser
+from mpcapi.upstream import UpstreamBody
 from mpcapi.usage import Usage, usage_of_event
 
 SSE_HEADERS = {
@@ -47,17 +47,15 @@ def error_event(message: str, kind: str) -> bytes:
 
 
 @implementer(IPushProducer)
-class SSERelay(Protocol):
+class SSERelay(UpstreamBody):
     """Receives LiteLLM's body and writes it through to the client's request.
 
     ``ended`` fires with a ``StreamEnd`` once the stream is over, however it ended.
     """
 
     def __init__(self, request: Request, clock: IReactorTime, idle_timeout: float) -> None:
+        super().__init__(clock, idle_timeout)
         self._request = request
-        self._clock = clock
-        self._idle_timeout = idle_timeout
-        self._timer: IDelayedCall | None = None
         self._parser = SSEParser()
         self.outcome: StreamEnd | None = None
         self.started = clock.seconds()
@@ -72,7 +70,7 @@ class SSERelay(Protocol):
     def connectionMade(self) -> None:
         self._request.registerProducer(self, True)
         self._request.notifyFinish().addErrback(self._client_gone)
-        self._timer = self._clock.callLater(self._idle_timeout, self._timed_out)
+        self._start_timer()
 
     def dataReceived(self, data: bytes) -> None:
         if self.outcome is not None:
@@ -82,8 +80,7 @@ class SSERelay(Protocol):
         self._request.write(data)
         for event in self._parser.feed(data):
             self._observe(event)
-        if self._timer is not None:
-            self._timer.reset(self._idle_timeout)
+        self._touch_timer()
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
         if self.outcome is not None:
@@ -102,15 +99,15 @@ class SSERelay(Protocol):
     # Client side (IPushProducer): the client's transport tells us to slow down.
 
     def pauseProducing(self) -> None:
-        if self.transport is not None:
-            IPushProducer(self.transport).pauseProducing()
+        self._pause_upstream()
 
     def resumeProducing(self) -> None:
-        if self.transport is not None:
-            IPushProducer(self.transport).resumeProducing()
+        self._resume_upstream()
 
     def stopProducing(self) -> None:
-        self._client_gone(None)
+        # The client's connection is closing; the request hears of it right after, and only
+        # then may the handler return (or Klein would finish a request that is gone).
+        self._abandon()
 
     # Internals
 
@@ -124,17 +121,19 @@ class SSERelay(Protocol):
             self.usage = usage_of_event(event.data) or self.usage
 
     def _timed_out(self) -> None:
-        self._timer = None
         message = f"LiteLLM sent nothing for {self._idle_timeout:g} s"
         self._end(StreamEnd.TIMEOUT, error_event(message, "timeout"))
         self._close_upstream()
 
     def _client_gone(self, _: object) -> None:
+        self._abandon()
+        self._announce(StreamEnd.CLIENT_ABORT)
+
+    def _abandon(self) -> None:
         if self.outcome is None:
             self.outcome = StreamEnd.CLIENT_ABORT
             self._stop_timer()
             self._close_upstream()
-            self._announce(StreamEnd.CLIENT_ABORT)
 
     def _end(self, outcome: StreamEnd, last_event: bytes = b"") -> None:
         self.outcome = outcome
@@ -148,12 +147,3 @@ class SSERelay(Protocol):
     def _announce(self, outcome: StreamEnd) -> None:
         if not self.ended.called:  # it was cancelled if the handler was
             self.ended.callback(outcome)
-
-    def _close_upstream(self) -> None:
-        if self.transport is not None:
-            IPushProducer(self.transport).stopProducing()
-
-    def _stop_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None

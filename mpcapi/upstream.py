@@ -268,24 +268,66 @@ class LiteLLMClient:
         return collector.done
 
 
-class BodyCollector(Protocol):
+class UpstreamBody(Protocol):
+    """Reads one LiteLLM response body, watching for silence.
+
+    ``_start_timer`` arms an inactivity timer that ``_touch_timer`` pushes back on each
+    chunk; silence longer than ``idle_timeout`` calls the subclass's ``_timed_out``.
+    ``_close_upstream`` drops the LiteLLM connection (cancelling a Deferred does not).
+    """
+
+    def __init__(self, clock: IReactorTime, idle_timeout: float) -> None:
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._timer: IDelayedCall | None = None
+
+    def _start_timer(self) -> None:
+        self._timer = self._clock.callLater(self._idle_timeout, self._silence)
+
+    def _touch_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._idle_timeout)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _silence(self) -> None:
+        self._timer = None
+        self._timed_out()
+
+    def _timed_out(self) -> None:
+        raise NotImplementedError
+
+    def _pause_upstream(self) -> None:
+        if self.transport is not None:
+            IPushProducer(self.transport).pauseProducing()
+
+    def _resume_upstream(self) -> None:
+        if self.transport is not None:
+            IPushProducer(self.transport).resumeProducing()
+
+    def _close_upstream(self) -> None:
+        if self.transport is not None:
+            IPushProducer(self.transport).stopProducing()
+
+
+class BodyCollector(UpstreamBody):
     """Accumulates a response body; cancelling ``done`` closes the upstream connection."""
 
     def __init__(self, clock: IReactorTime, idle_timeout: float, source: str) -> None:
-        self._clock = clock
-        self._idle_timeout = idle_timeout
+        super().__init__(clock, idle_timeout)
         self._source = source
         self._chunks: list[bytes] = []
-        self._timer: IDelayedCall | None = None
         self.done: defer.Deferred[bytes] = defer.Deferred(self._cancel)
 
     def connectionMade(self) -> None:
-        self._timer = self._clock.callLater(self._idle_timeout, self._timed_out)
+        self._start_timer()
 
     def dataReceived(self, data: bytes) -> None:
         self._chunks.append(data)
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self._idle_timeout)
+        self._touch_timer()
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
         self._stop_timer()
@@ -301,7 +343,6 @@ class BodyCollector(Protocol):
             )
 
     def _timed_out(self) -> None:
-        self._timer = None
         self.done.errback(
             gateway_timeout(f"LiteLLM at {self._source} sent nothing for {self._idle_timeout:g} s")
         )
@@ -310,15 +351,6 @@ class BodyCollector(Protocol):
     def _cancel(self, _: defer.Deferred[bytes]) -> None:
         self._stop_timer()
         self._close_upstream()
-
-    def _close_upstream(self) -> None:
-        if self.transport is not None:
-            IPushProducer(self.transport).stopProducing()
-
-    def _stop_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
 
 
 def relayed_headers(response: IResponse) -> Mapping[bytes, list[bytes]]:

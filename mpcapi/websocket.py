@@ -27,8 +27,7 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -40,7 +39,7 @@ from mpcapi.errors import ApiError, bad_gateway, bad_request, gateway_timeout, i
 from mpcapi.requestlog import STREAM_FORMAT
 from mpcapi.settings import Settings
 from mpcapi.sse import DONE, SSEEvent, SSEParser
-from mpcapi.upstream import LiteLLMClient, check_upstream_status, error_message
+from mpcapi.upstream import LiteLLMClient, UpstreamBody, check_upstream_status, error_message
 from mpcapi.validation import RequestValidator, parse_json_object
 
 log = Logger(namespace="mpcapi.request")
@@ -408,7 +407,7 @@ class WebSocketSession:
         )
 
 
-class UpstreamStream(Protocol):
+class UpstreamStream(UpstreamBody):
     """Reads one LiteLLM event stream and hands its events to the session.
 
     Silence longer than ``idle_timeout`` (while the client keeps up) is a 504; an end
@@ -418,12 +417,10 @@ class UpstreamStream(Protocol):
     def __init__(
         self, session: WebSocketSession, call: Call, clock: IReactorTime, idle_timeout: float
     ) -> None:
+        super().__init__(clock, idle_timeout)
         self._session = session
         self._call = call
-        self._clock = clock
-        self._idle_timeout = idle_timeout
         self._parser = SSEParser()
-        self._timer: IDelayedCall | None = None
         self._paused = False
         self.over = False
 
@@ -431,13 +428,12 @@ class UpstreamStream(Protocol):
         if self._session.paused:
             self.pause()
         else:
-            self._timer = self._clock.callLater(self._idle_timeout, self._timed_out)
+            self._start_timer()
 
     def dataReceived(self, data: bytes) -> None:
         if self.over:
             return
-        if self._timer is not None:
-            self._timer.reset(self._idle_timeout)
+        self._touch_timer()
         for event in self._parser.feed(data):
             self._event(event)
             if self.over:
@@ -459,16 +455,14 @@ class UpstreamStream(Protocol):
     def pause(self) -> None:
         self._paused = True
         self._stop_timer()  # a slow client is not a silent LiteLLM
-        if self.transport is not None:
-            IPushProducer(self.transport).pauseProducing()
+        self._pause_upstream()
 
     def resume(self) -> None:
         if not self._paused or self.over:
             return
         self._paused = False
-        self._timer = self._clock.callLater(self._idle_timeout, self._timed_out)
-        if self.transport is not None:
-            IPushProducer(self.transport).resumeProducing()
+        self._start_timer()
+        self._resume_upstream()
 
     def _event(self, event: SSEEvent) -> None:
         if event.data == DONE:
@@ -516,7 +510,6 @@ class UpstreamStream(Protocol):
         return ApiError(status, _phrase(status), error_message(body))
 
     def _timed_out(self) -> None:
-        self._timer = None
         self._fail(gateway_timeout(f"LiteLLM sent nothing for {self._idle_timeout:g} s"), "timeout")
         self._close_upstream()
 
@@ -527,15 +520,6 @@ class UpstreamStream(Protocol):
     def _stop(self) -> None:
         self.over = True
         self._stop_timer()
-
-    def _close_upstream(self) -> None:
-        if self.transport is not None:
-            IPushProducer(self.transport).stopProducing()
-
-    def _stop_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
 
 
 @implementer(IPushProducer)

@@ -27,6 +27,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mpcapi.settings import LISTEN_BACKLOG
+
 log = Logger(namespace="mpcapi.workers")
 
 WORKER_FD_ENV = "MPCAPI_WORKER_FD"
@@ -36,7 +38,7 @@ RESTART_DELAY = 1.0
 STOP_GRACE = 30.0
 
 
-def listening_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
+def listening_socket(host: str, port: int, backlog: int = LISTEN_BACKLOG) -> socket.socket:
     """Bind the one socket all workers share."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

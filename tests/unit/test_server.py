@@ -18,6 +18,7 @@ import treq
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IPushProducer
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
@@ -223,6 +224,13 @@ async def test_body_within_the_limit_is_forwarded_whole(running: Any) -> None:
 @pytest_twisted.ensureDeferred
 async def test_client_leaving_closes_the_upstream_within_a_second(running: Any, mode: str) -> None:
     gateway = await running(mode)
+    failures: list[dict[str, Any]] = []
+
+    def collect(event: dict[str, Any]) -> None:
+        if event.get("log_level") in (LogLevel.error, LogLevel.critical):
+            failures.append(event)
+
+    globalLogPublisher.addObserver(collect)
     client = await raw_connect(gateway.port)
     body = json.dumps({**CHAT, "stream": mode == "stream"}).encode()
     client.transport.write(request_head(len(body)) + body)
@@ -234,6 +242,9 @@ async def test_client_leaving_closes_the_upstream_within_a_second(running: Any, 
     client.transport.loseConnection()
     upstream_closed_at = await gateway.upstream.left.addTimeout(3, reactor)
     assert upstream_closed_at - left_at < 1.0
+    await pause(0.1)
+    globalLogPublisher.removeObserver(collect)
+    assert failures == [], "a client leaving is routine, not an error"
 
 
 @pytest_twisted.ensureDeferred

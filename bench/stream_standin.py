@@ -1,0 +1,316 @@
+"""A stand-in streaming LiteLLM for bench/streams.py: timed SSE chat completion chunks.
+
+`POST /chat/completions` with `"stream": true` answers `text/event-stream` with N
+`chat.completion.chunk` events, the first at once and then one every `interval` ms (timers,
+never sleeps: thousands of streams at once), then `data: [DONE]`. Each chunk carries
+`"sent_at"` (the server's `time.time()` just before the write) and `"seq"` (0..N-1), so a
+client can compute how long each event took to reach it. A request may override the defaults
+with a top-level `"stand_in": {"events": 30, "interval_ms": 1000}` (MPC-API passes unknown
+fields through unchanged). Without `"stream": true` it answers one `chat.completion`.
+
+The main port counts its connections and streams; `GET /stats` on the control port (which is
+not counted) reports them, `POST /stats/reset` sets the peaks to the current values. Only
+warnings and errors are logged (to stdout, after one start-up line).
+
+    .venv/bin/python bench/stream_standin.py --port 4000 --control-port 4001
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import resource
+import sys
+import time
+from typing import Any
+
+from twisted.internet import reactor as _reactor
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogBeginner,
+    textFileLogObserver,
+)
+from twisted.python.failure import Failure
+from twisted.web import http, server
+from twisted.web.resource import Resource
+
+reactor: Any = _reactor
+
+MODEL = "gpt-4o-mini"
+
+
+class Stats:
+    """Connections and streams on the main port: now, peak since the last reset, totals."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.peak_connections = 0
+        self.total_connections = 0
+        self.streams = 0
+        self.peak_streams = 0
+        self.streams_started = 0
+        self.streams_completed = 0
+        self.streams_aborted = 0
+
+    def connection_opened(self) -> None:
+        self.connections += 1
+        self.total_connections += 1
+        self.peak_connections = max(self.peak_connections, self.connections)
+
+    def connection_closed(self) -> None:
+        self.connections -= 1
+
+    def stream_started(self) -> None:
+        self.streams += 1
+        self.streams_started += 1
+        self.peak_streams = max(self.peak_streams, self.streams)
+
+    def stream_ended(self, completed: bool) -> None:
+        self.streams -= 1
+        if completed:
+            self.streams_completed += 1
+        else:
+            self.streams_aborted += 1
+
+    def reset_peaks(self) -> None:
+        self.peak_connections = self.connections
+        self.peak_streams = self.streams
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+class CountingChannel(http.HTTPChannel):
+    """An HTTPChannel that reports its connection's life to the site's `Stats`."""
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._stats().connection_opened()
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._stats().connection_closed()
+        super().connectionLost(reason)
+
+    def _stats(self) -> Stats:
+        stats: Stats = self.site.stats  # type: ignore[attr-defined]
+        return stats
+
+
+class QuietSite(server.Site):
+    noisy = False
+
+    def log(self, request: Any) -> None:
+        """No access log: it would cost more than the answers."""
+
+
+class CountingSite(QuietSite):
+    protocol = CountingChannel  # type: ignore[assignment]
+
+    def __init__(self, root: Resource, stats: Stats) -> None:
+        super().__init__(root)
+        self.stats = stats
+
+
+_ids = itertools.count(1)
+
+
+class ChunkStream:
+    """One streamed answer: `events` chunks on a timer, then `[DONE]` and the end."""
+
+    def __init__(
+        self, request: server.Request, stats: Stats, events: int, interval: float, model: str
+    ) -> None:
+        self._request = request
+        self._stats = stats
+        self._events = events
+        self._interval = interval
+        self._id = f"chatcmpl-standin-{next(_ids)}"
+        self._model = model
+        self._created = int(time.time())
+        self._seq = 0
+        self._start = reactor.seconds()
+        self._timer: IDelayedCall | None = None
+        self._over = False
+
+    def start(self) -> None:
+        self._stats.stream_started()
+        self._request.notifyFinish().addErrback(self._client_gone)
+        self._tick()
+
+    def _chunk(self, seq: int) -> bytes:
+        last = seq == self._events - 1
+        delta: dict[str, str] = {"role": "assistant"} if seq == 0 else {}
+        if not last or seq == 0:
+            delta["content"] = f"tok{seq} "
+        document = {
+            "id": self._id,
+            "object": "chat.completion.chunk",
+            "created": self._created,
+            "model": self._model,
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": delta,
+                    "logprobs": None,
+                    "finish_reason": "stop" if last else None,
+                }
+            ],
+            "seq": seq,
+            "sent_at": time.time(),
+        }
+        return b"data: " + json.dumps(document, separators=(",", ":")).encode() + b"\n\n"
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self._over:
+            return
+        self._request.write(self._chunk(self._seq))
+        self._seq += 1
+        if self._seq < self._events:
+            due = self._start + self._seq * self._interval
+            self._timer = reactor.callLater(max(0.0, due - reactor.seconds()), self._tick)
+            return
+        self._request.write(b"data: [DONE]\n\n")
+        self._over = True
+        self._stats.stream_ended(completed=True)
+        self._request.finish()
+
+    def _client_gone(self, _: Failure) -> None:
+        if self._over:
+            return
+        self._over = True
+        self._stats.stream_ended(completed=False)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+
+def _json(request: server.Request, status: int, document: Any) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps(document).encode()
+
+
+class ChatCompletions(Resource):
+    isLeaf = True
+
+    def __init__(self, stats: Stats, events: int, interval_ms: float) -> None:
+        super().__init__()
+        self._stats = stats
+        self._events = events
+        self._interval_ms = interval_ms
+
+    def render_POST(self, request: server.Request) -> bytes | int:
+        try:
+            body = json.loads(request.content.read() if request.content is not None else b"")
+            options = body.get("stand_in") or {}
+            events = max(1, int(options.get("events", self._events)))
+            interval = float(options.get("interval_ms", self._interval_ms)) / 1000
+            model = str(body.get("model") or MODEL)
+        except (ValueError, TypeError, AttributeError) as err:
+            message = {"message": f"bad request: {err}", "type": "invalid_request_error"}
+            return _json(request, 400, {"error": message})
+        if body.get("stream") is not True:
+            return _json(request, 200, completion(model))
+        request.setHeader(b"content-type", b"text/event-stream")
+        request.setHeader(b"cache-control", b"no-cache")
+        ChunkStream(request, self._stats, events, interval, model).start()
+        return server.NOT_DONE_YET
+
+
+def completion(model: str) -> dict[str, Any]:
+    message = {"role": "assistant", "content": "Hello from the stand-in."}
+    return {
+        "id": f"chatcmpl-standin-{next(_ids)}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+    }
+
+
+class Static(Resource):
+    isLeaf = True
+
+    def __init__(self, document: Any) -> None:
+        super().__init__()
+        self._document = document
+
+    def render_GET(self, request: server.Request) -> bytes:
+        return _json(request, 200, self._document)
+
+
+class StatsResource(Resource):
+    isLeaf = True
+
+    def __init__(self, stats: Stats) -> None:
+        super().__init__()
+        self._stats = stats
+
+    def render_GET(self, request: server.Request) -> bytes:
+        return _json(request, 200, self._stats.as_dict())
+
+    def render_POST(self, request: server.Request) -> bytes:
+        self._stats.reset_peaks()
+        return _json(request, 200, self._stats.as_dict())
+
+
+def build_root(stats: Stats, events: int, interval_ms: float) -> Resource:
+    root = Resource()
+    root.putChild(b"chat", Resource())
+    root.children[b"chat"].putChild(b"completions", ChatCompletions(stats, events, interval_ms))
+    models = {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "bench"}]}
+    root.putChild(b"models", Static(models))
+    health = Resource()
+    health.putChild(b"liveliness", Static("I'm alive!"))
+    root.putChild(b"health", health)
+    root.putChild(b"stats", StatsResource(stats))
+    return root
+
+
+def raise_nofile_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Stand-in streaming LiteLLM for bench/streams.py")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=4000, help="the counted, LiteLLM-like port")
+    p.add_argument("--control-port", type=int, default=0, help="uncounted port (0: none)")
+    p.add_argument("--events", type=int, default=20, help="chunks per stream (20)")
+    p.add_argument("--interval-ms", type=float, default=100.0, help="ms between chunks (100)")
+    p.add_argument("--backlog", type=int, default=4096, help="listen backlog (4096)")
+    args = p.parse_args()
+    raise_nofile_limit()
+    # Only warnings and errors reach the log: bench/streams.py counts them as errors.
+    only_problems = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
+    globalLogBeginner.beginLoggingTo(
+        [FilteringLogObserver(textFileLogObserver(sys.stdout), [only_problems])],
+        redirectStandardIO=False,
+    )
+    stats = Stats()
+    root = build_root(stats, args.events, args.interval_ms)
+    reactor.listenTCP(
+        args.port, CountingSite(root, stats), backlog=args.backlog, interface=args.host
+    )
+    if args.control_port:
+        reactor.listenTCP(args.control_port, QuietSite(root), interface=args.host)
+    print(
+        f"stream stand-in on {args.host}:{args.port} (control {args.control_port}): "
+        f"{args.events} events every {args.interval_ms:g} ms",
+        flush=True,
+    )
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
