@@ -38,12 +38,18 @@ COPY --from=build /opt/venv /opt/venv
 
 WORKDIR /app
 COPY etc ./etc
+# The one writable place: the SQLite database of keys and usage, and the usage spool file
+# (mount a volume here, or point MPCAPI_DATABASE_URL at PostgreSQL).
+RUN mkdir /app/data && chown 1001:1001 /app/data
+VOLUME /app/data
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PORT=3000 \
     LITELLM_BASE_URL=http://litellm:4000 \
+    MPCAPI_DATABASE_URL=sqlite:////app/data/mpcapi.db \
+    MPCAPI_USAGE_SPOOL=/app/data/usage-spool.jsonl \
     MPCAPI_ENV=production
 
 USER 1001:1001

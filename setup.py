@@ -9,7 +9,9 @@ setup(
     python_requires=">=3.11",
     # twisted/plugins has no __init__.py (twistd finds plugins there), so it is named by hand.
     packages=[*find_packages(exclude=["tests*", "bench*"]), "twisted.plugins"],
-    package_data={"mpcapi": ["schemas/*.json", "py.typed"]},
+    package_data={
+        "mpcapi": ["schemas/*.json", "py.typed", "dashboard/static/*", "data/prices.toml"]
+    },
     install_requires=[
         "twisted>=24.7.0",
         "klein>=24.8.0",
@@ -18,7 +20,11 @@ setup(
         "python-dotenv>=1.0.0",
         "attrs>=23.1.0",
         "autobahn>=24.4.2",
+        "txredisapi>=1.6.0",  # Redis for shared rate limits and cache
+        "psycopg[binary]>=3.1",  # PostgreSQL for client keys and usage (SQLite is built in)
+        "prometheus_client>=0.20",  # /metrics, multiprocess mode with several workers
     ],
+    entry_points={"console_scripts": ["mpcapi-admin = mpcapi.admin:main"]},
     extras_require={
         "test": [
             "pytest>=8.0",
@@ -29,6 +35,10 @@ setup(
             "mypy-zope>=1.0",
             "types-jsonschema",
             "websockets>=13.0",
+            "hypothesis>=6.100",  # property-based tests (tests/unit/test_properties.py)
+            "schemathesis>=4.0",  # contract tests against /openapi.json
+            "pyyaml>=6.0",  # checks of deploy/ and docker-compose.yml
+            "playwright>=1.45",  # the dashboard test, with Debian's chromium
         ],
     },
 )

@@ -34,6 +34,7 @@ ROOT = BENCH.parent
 VENV_BIN = ROOT / ".venv" / "bin"
 RESULTS = BENCH / "results"
 CHAT_LUA = BENCH / "chat.lua"
+CHAT_UNIQUE_LUA = BENCH / "chat_unique.lua"  # a new question every request: cache misses
 CHAT_BODY = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hello!"}]}'
 NGINX = "/usr/sbin/nginx"
 TARGETS = ("floor", "reference", "mpcapi")
@@ -259,7 +260,13 @@ def start_reference(sup: Supervisor, upstream: int) -> Proc:
     return proc
 
 
-def start_mpcapi(sup: Supervisor, upstream: int, workers: int | None) -> Proc:
+def start_mpcapi(
+    sup: Supervisor,
+    upstream: int,
+    workers: int | None,
+    extra_env: dict[str, str] | None = None,
+    name: str = "mpcapi",
+) -> Proc:
     port = free_port()
     env = dict(os.environ)
     env.update(
@@ -268,12 +275,13 @@ def start_mpcapi(sup: Supervisor, upstream: int, workers: int | None) -> Proc:
         MPCAPI_ENV="production",
         MPCAPI_LOG_FORMAT="json",
     )
+    env.update(extra_env or {})  # --env KEY=VALUE, --policy presets
     # The working tree's code and plugin, whatever the kind of (editable) install in .venv.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     if workers is not None:
         env["MPCAPI_WORKERS"] = str(workers)
     argv = [str(VENV_BIN / "twistd"), "-n", "--pidfile=", "mpcapi"]
-    proc = sup.start("mpcapi", argv, port, env)
+    proc = sup.start(name, argv, port, env)
     wait_ready(proc, f"http://127.0.0.1:{port}/health")
     smoke_test(proc, f"http://127.0.0.1:{port}/api/chat/completions")
     return proc
@@ -282,7 +290,7 @@ def start_mpcapi(sup: Supervisor, upstream: int, workers: int | None) -> Proc:
 # --------------------------------------------------------------------------- wrk
 
 
-def run_wrk(url: str, connections: int, seconds: float) -> dict[str, Any]:
+def run_wrk(url: str, connections: int, seconds: float, script: Path = CHAT_LUA) -> dict[str, Any]:
     threads = 1 if connections < 2 else 2
     argv = [
         "wrk",
@@ -291,7 +299,7 @@ def run_wrk(url: str, connections: int, seconds: float) -> dict[str, Any]:
         f"-d{max(1, round(seconds))}s",
         "--timeout=10s",
         "--latency",
-        f"--script={CHAT_LUA}",
+        f"--script={script}",
         url,
     ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
@@ -392,7 +400,7 @@ def throughput(args: argparse.Namespace, sup: Supervisor) -> int:
     if "reference" in args.targets:
         procs["reference"] = start_reference(sup, floor.port)
     if "mpcapi" in args.targets:
-        procs["mpcapi"] = start_mpcapi(sup, floor.port, args.workers)
+        procs["mpcapi"] = start_mpcapi(sup, floor.port, args.workers, args.env)
 
     rows: list[dict[str, Any]] = []
     for target in [t for t in TARGETS if t in procs]:
@@ -455,7 +463,7 @@ def throughput(args: argparse.Namespace, sup: Supervisor) -> int:
 
 def memory(args: argparse.Namespace, sup: Supervisor) -> int:
     floor = start_floor(sup)
-    proc = start_mpcapi(sup, floor.port, args.workers)
+    proc = start_mpcapi(sup, floor.port, args.workers, args.env)
     url = f"http://127.0.0.1:{proc.port}/api/chat/completions"
     total = args.requests
     checkpoints = [total // 2, total]
@@ -502,6 +510,142 @@ def memory(args: argparse.Namespace, sup: Supervisor) -> int:
     return 0
 
 
+def policy_env(kind: str, redis_url: str) -> dict[str, str]:
+    """Rate limits too high to refuse anything, and the response cache, in memory or Redis."""
+    env = {
+        "MPCAPI_DEFAULT_RPM": "1000000000",
+        "MPCAPI_DEFAULT_TPM": "1000000000",
+        "MPCAPI_CACHE_TTL": "600",
+    }
+    if kind == "redis":
+        env["MPCAPI_REDIS_URL"] = redis_url
+        env["MPCAPI_REDIS_PREFIX"] = f"mpcapi-bench:{os.getpid()}-{time.time_ns()}:"
+    return env
+
+
+def clean_redis(redis_url: str, prefix: str) -> None:
+    """Delete the keys a run left in Redis (best effort; they expire anyway)."""
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        return
+    base = [cli, "-u", redis_url]
+    found = subprocess.run(
+        [*base, "--scan", "--pattern", prefix + "*"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    keys = found.stdout.split()
+    for start in range(0, len(keys), 1000):
+        subprocess.run(
+            [*base, "del", *keys[start : start + 1000]],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+
+
+# (label, daemon, wrk script): "off" is MPC-API without limits or cache; "memory"/"redis" have
+# both on. With chat_unique.lua every request is a miss (limits checked, answer forwarded and
+# stored); with chat.lua every request after the first is a cache hit.
+POLICY_RUNS = (
+    ("off: forwarded", "off", CHAT_UNIQUE_LUA),
+    ("memory: forwarded (miss)", "memory", CHAT_UNIQUE_LUA),
+    ("redis: forwarded (miss)", "redis", CHAT_UNIQUE_LUA),
+    ("memory: cache hit", "memory", CHAT_LUA),
+    ("redis: cache hit", "redis", CHAT_LUA),
+)
+
+
+def policy(args: argparse.Namespace, sup: Supervisor) -> int:
+    """Rate limits and the response cache on (in memory, in Redis) against off, on the chat
+    route; and a cache hit against a forwarded request. Repeated ``--rounds`` times, the
+    targets alternating, so that noise from the shared CPU shows as spread."""
+    floor = start_floor(sup)
+    envs = {"off": dict(args.env)}
+    for kind in ("memory", "redis"):
+        envs[kind] = {**args.env, **policy_env(kind, args.redis_url)}
+    procs = {
+        kind: start_mpcapi(sup, floor.port, args.workers, env, name=f"mpcapi-{kind}")
+        for kind, env in envs.items()
+    }
+    rows: list[dict[str, Any]] = []
+    try:
+        for proc in procs.values():
+            url = f"http://127.0.0.1:{proc.port}/api/chat/completions"
+            run_wrk(url, 32, args.warmup, CHAT_UNIQUE_LUA)  # warm-up, not recorded
+        for round_ in range(args.rounds):
+            for label, kind, script in POLICY_RUNS:
+                proc = procs[kind]
+                url = f"http://127.0.0.1:{proc.port}/api/chat/completions"
+                for conns in args.connections:
+                    result = run_wrk(url, conns, args.duration, script)
+                    result.update(label=label, kind=kind, connections=conns, round=round_ + 1)
+                    result["error_count"] = error_count(result)
+                    rows.append(result)
+                    print(
+                        f"   round {round_ + 1} {label:<26} {conns:>4} conns:"
+                        f" {result['rps']:>9,.0f} req/s  p50 {fmt_us(result['p50_us'])}"
+                        f"  p99 {fmt_us(result['p99_us'])}  errors {result['error_count']}",
+                        flush=True,
+                    )
+                    if proc.popen.poll() is not None:
+                        raise BenchError(f"{proc.name} died: {exit_text(proc)}", proc)
+    finally:
+        clean_redis(args.redis_url, envs["redis"]["MPCAPI_REDIS_PREFIX"])
+
+    def best(label: str, conns: int, key: str = "rps") -> float:
+        values = [r[key] for r in rows if r["label"] == label and r["connections"] == conns]
+        return max(values) if key == "rps" else min(values)
+
+    print("\nbest of each (req/s, p50):")
+    for label, _, _ in POLICY_RUNS:
+        cells = [
+            f"{c} conns {best(label, c):>8,.0f} req/s {fmt_us(best(label, c, 'p50_us')):>8}"
+            for c in args.connections
+        ]
+        print(f"  {label:<26} " + " | ".join(cells))
+    ratios: dict[str, dict[str, float]] = {}
+    comparisons = [
+        ("memory: forwarded (miss)", "off: forwarded", "limits+cache in memory / off"),
+        ("redis: forwarded (miss)", "off: forwarded", "limits+cache in Redis / off"),
+        ("memory: cache hit", "memory: forwarded (miss)", "memory: hit / forwarded"),
+        ("redis: cache hit", "redis: forwarded (miss)", "redis: hit / forwarded"),
+        ("memory: cache hit", "off: forwarded", "memory hit / off forwarded"),
+    ]
+    print("\nthroughput ratios (best of rounds; target: limits+cache >= 0.85 of off):")
+    for a, b, name in comparisons:
+        ratios[name] = {str(c): best(a, c) / best(b, c) for c in args.connections if best(b, c)}
+        joined = ", ".join(f"{c} conns: {v:.2f}" for c, v in ratios[name].items())
+        print(f"  {name}: {joined}")
+    print("\np50 latency ratios (a cache hit should cost less than a forwarded request):")
+    for a, b, name in comparisons[2:4]:
+        values = {
+            str(c): best(a, c, "p50_us") / best(b, c, "p50_us")
+            for c in args.connections
+            if best(b, c, "p50_us")
+        }
+        ratios[name + " (p50)"] = values
+        print(f"  {name}: " + ", ".join(f"{c} conns: {v:.2f}" for c, v in values.items()))
+    data = {
+        "kind": "policy",
+        "started": args.started,
+        "duration_s": args.duration,
+        "connections": args.connections,
+        "rounds": args.rounds,
+        "environment": environment(args),
+        "daemon_env": envs,
+        "results": rows,
+        "ratios": ratios,
+    }
+    print(f"\nresults: {save('policy', data)}")
+    for r in rows:
+        if r["error_count"]:
+            print(f"warning: {r['label']} had {r['error_count']} errors at {r['connections']}")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -522,7 +666,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--slice", type=float, default=5.0, help="memory mode: seconds per wrk slice")
     p.add_argument("--max-seconds", type=float, default=900.0, help="memory mode: give up after")
     p.add_argument("--keep-tmp", action="store_true", help="keep logs and nginx prefix dir")
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment of the MPC-API daemon (repeatable)",
+    )
+    p.add_argument(
+        "--policy",
+        action="store_true",
+        help="rate limits + response cache (memory, Redis) vs off, and cache hit vs forwarded",
+    )
+    p.add_argument("--rounds", type=int, default=2, help="policy mode: rounds (2)")
+    p.add_argument(
+        "--redis-url", default="redis://127.0.0.1:6379/0", help="policy mode: the Redis to use"
+    )
     args = p.parse_args(argv)
+    pairs = [item.split("=", 1) for item in args.env]
+    if any(len(pair) != 2 or not pair[0] for pair in pairs):
+        p.error("--env takes KEY=VALUE")
+    args.env = dict(pairs)
     args.warmup = 2.0
     if args.quick:
         args.duration, args.warmup = 3.0, 1.0
@@ -561,6 +725,8 @@ def main(argv: list[str]) -> int:
         signal.signal(sig, _terminate)
     try:
         with supervised(args.keep_tmp) as sup:
+            if args.policy:
+                return policy(args, sup)
             return memory(args, sup) if args.memory else throughput(args, sup)
     except BenchError as err:
         print(f"\nbench: {err}", file=sys.stderr)

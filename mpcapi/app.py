@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from klein import Klein
 from twisted.internet.defer import CancelledError
@@ -19,8 +20,11 @@ from twisted.web.iweb import IRequest, IResponse
 from twisted.web.resource import IResource
 from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import RequestRedirect
 
 from mpcapi import __version__
+from mpcapi.cache import ResponseCache
+from mpcapi.dashboard import SECURITY_HEADERS, load_assets
 from mpcapi.errors import (
     JSON_CONTENT_TYPE,
     ApiError,
@@ -31,6 +35,18 @@ from mpcapi.errors import (
     set_status,
     with_length,
 )
+from mpcapi.headers import CorsPolicy, ResponseHeaders
+from mpcapi.keys import KeyAuthenticator, require_admin
+from mpcapi.ledger import (
+    UsageLedger,
+    asks_for_usage,
+    request_arguments,
+    with_usage_requested,
+)
+from mpcapi.limits import RateLimiter
+from mpcapi.metrics import Metrics, require_metrics_access
+from mpcapi.openapi import document_bytes
+from mpcapi.redisclient import RedisClient
 from mpcapi.requestlog import RequestLogging, record_of
 from mpcapi.settings import Settings
 from mpcapi.streaming import SSE_HEADERS, SSERelay
@@ -69,15 +85,39 @@ class Gateway:
         upstream: LiteLLMClient,
         clock: IReactorTime,
         validator: RequestValidator | None = None,
+        keys: KeyAuthenticator | None = None,
+        metrics: Metrics | None = None,
+        ledger: UsageLedger | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics(clock)  # see mpcapi.metrics
+        self.ledger = ledger  # the usage ledger and budgets (see mpcapi.ledger); None: off
+        self.dashboard_assets = load_assets()
         self.settings = settings
         self.upstream = upstream
         self.clock = clock
         self.validator = validator or RequestValidator()
+        self.keys = keys  # checks client keys; None when MPCAPI_AUTH=off
         self.websockets = WebSocketEndpoint(settings, upstream, clock, self.validator)
+        self.websockets.keys = keys
+        if ledger is not None:  # WebSocket requests have their rows too
+            self.websockets.observers.append(ledger.observe)
+            self.websockets.check_budget = ledger.check_budget
+        # Rate limits and the response cache, in Redis when redis_url is set (see limits, cache).
+        self.redis = RedisClient.from_settings(settings, clock)
+        self.limiter = RateLimiter.from_settings(settings, clock, self.redis)
+        self.cache = ResponseCache.from_settings(settings, clock, self.redis)
+        # GET /openapi.json: built once, from the routes above and the validator's schemas.
+        self.openapi = document_bytes(self.app.url_map, settings)
 
     def resource(self) -> IResource:
-        return RequestLogging(self.app.resource(), self.clock)
+        observers = [self.limiter.count_tokens, self.metrics.observe]
+        if self.ledger is not None:
+            observers.append(self.ledger.observe)
+        headed = ResponseHeaders(
+            self.app.resource(), CorsPolicy(self.settings.cors_origins.split(","))
+        )
+        logged = RequestLogging(headed, self.clock, observers)
+        return self.metrics.track_inflight(logged)
 
     # Health
 
@@ -120,6 +160,52 @@ class Gateway:
             {"status": "ready" if ok else "unavailable", "service": "mpc-api", "litellm": check},
         )
 
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi_document(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", JSON_CONTENT_TYPE)
+        return with_length(request, self.openapi)
+
+    # Observability (see mpcapi.metrics and mpcapi.dashboard)
+
+    @app.route("/metrics", methods=["GET"])
+    def scrape(self, request: Request) -> bytes:
+        require_metrics_access(request, self.settings)
+        body, content_type = self.metrics.exposition(request.getHeader(b"accept"))
+        request.setHeader(b"content-type", content_type.encode("ascii"))
+        return with_length(request, body)
+
+    @app.route("/api/stats", methods=["GET"])
+    def stats(self, request: Request) -> bytes:
+        require_admin(request, self.settings)
+        request.setHeader(b"cache-control", b"no-store")
+        return _json(request, 200, self.metrics.stats())
+
+    @app.route("/api/usage", methods=["GET"])
+    async def usage(self, request: Request) -> bytes:
+        require_admin(request, self.settings)
+        if self.ledger is None:
+            raise ApiError(503, "Service Unavailable", "the usage ledger is not running")
+        report = await self.ledger.report(request_arguments(request))
+        request.setHeader(b"cache-control", b"no-store")
+        return _json(request, 200, report)
+
+    @app.route("/dashboard", methods=["GET"])
+    def dashboard_redirect(self, request: Request) -> bytes:
+        request.setResponseCode(301)
+        request.setHeader(b"location", b"/dashboard/")
+        return with_length(request, b"")
+
+    @app.route("/dashboard/", defaults={"name": "index.html"}, methods=["GET"])
+    @app.route("/dashboard/<string:name>", methods=["GET"])
+    def dashboard(self, request: Request, name: str) -> bytes:
+        if name not in self.dashboard_assets:
+            raise not_found(f"no dashboard file {name}")
+        content_type, body = self.dashboard_assets[name]
+        request.setHeader(b"content-type", content_type)
+        for header, value in SECURITY_HEADERS.items():
+            request.setHeader(header, value)
+        return with_length(request, body)
+
     # OpenAI routes
 
     @app.route(f"{PREFIX}/models", methods=["GET"])
@@ -141,8 +227,9 @@ class Gateway:
         return await self._post(request, "/embeddings", "embeddings", streams=False)
 
     @app.route(f"{PREFIX}/ws", methods=["GET"])
-    def websocket(self, request: Request, prefix: str) -> IResource:
+    async def websocket(self, request: Request, prefix: str) -> IResource:
         """The WebSocket endpoint (see ``mpcapi.websocket``); 426 for plain HTTP."""
+        await self._authenticate(request)  # the upgrade needs a client key, like every route
         return self.websockets.resource(request)
 
     async def _post(self, request: Request, path: str, schema: str, streams: bool) -> bytes | None:
@@ -153,13 +240,33 @@ class Gateway:
         await self._admit(request)
         document = self.validator.validate(schema, body)
         record.model = document["model"]
+        if self.ledger is not None:
+            self.ledger.note_bodies(record.request_id, body, None)
+        cached = await self.cache.lookup(request, path, document)
+        if cached is not None:
+            return cached
         if streams and document.get("stream") is True:
-            return await self._stream(request, path, body)
-        return await self._forward(request, "POST", path, body)
+            return await self._stream(request, path, body, document)
+        answer = await self._forward(request, "POST", path, body)
+        self.cache.store_answer(request, answer)
+        return answer
 
     async def _admit(self, request: Request) -> None:
         """The policy in front of every OpenAI route: who is calling (client keys), then
         whether they may (rate limits). Raises the ApiError that refuses the request."""
+        await self._authenticate(request)
+        if self.ledger is not None:  # a key whose budget is spent: 429
+            await self.ledger.check_budget(record_of(request).client_key)
+        # Rate limits (after the client key is known): sets x-ratelimit-*, raises a 429.
+        await self.limiter.check(request)
+
+    async def _authenticate(self, request: Request) -> None:
+        """With client keys on: the caller's key (401 without a valid one), on the record."""
+        if self.keys is None:
+            return
+        key = await self.keys.authenticate(request.getHeader(b"authorization"))
+        record = record_of(request)
+        record.client_key, record.key_id, record.user = key, key.id, key.user
 
     async def _forward(self, request: Request, method: str, path: str, body: bytes | None) -> bytes:
         """Send to LiteLLM and relay its answer; client errors pass through as they are."""
@@ -168,9 +275,17 @@ class Gateway:
         self._check(response, answer)
         if response.code == 200:
             record_of(request).usage = usage_of_answer(answer, response)
+        if self.ledger is not None:
+            self.ledger.note_bodies(record_of(request).request_id, None, answer)
         return self._relay(request, response, answer)
 
-    async def _stream(self, request: Request, path: str, body: bytes) -> bytes | None:
+    async def _stream(
+        self, request: Request, path: str, body: bytes, document: dict[str, Any]
+    ) -> bytes | None:
+        # The ledger counts every stream: ask LiteLLM for usage, hide it if the client did not.
+        hide_usage = self.ledger is not None and not asks_for_usage(document)
+        if hide_usage:
+            body = with_usage_requested(document)
         response = await self._send(request, "POST", path, body)
         if response.code != 200:
             answer = await self.upstream.read_body(response)
@@ -183,7 +298,7 @@ class Gateway:
             if name != b"content-type":
                 request.responseHeaders.setRawHeaders(name, values)
         request.write(b"")  # the headers go out now, before the first event
-        relay = SSERelay(request, self.clock, self.settings.litellm_timeout)
+        relay = SSERelay(request, self.clock, self.settings.litellm_timeout, hide_usage)
         record_of(request).stream = relay
         response.deliverBody(relay)
         # The relay finishes the request itself; Klein must not finish it before.
@@ -199,7 +314,8 @@ class Gateway:
             method,
             path,
             body=body,
-            authorization=request.getHeader(b"authorization"),
+            # With client keys on, the client's key is ours to check, never LiteLLM's.
+            authorization=None if self.keys else request.getHeader(b"authorization"),
             request_id=record.request_id,
         )
         record.upstream_status = response.code
@@ -243,6 +359,16 @@ class Gateway:
         path = request.path.decode("utf-8", "replace")
         error = method_not_allowed(f"{method} is not allowed on {path}", allowed)
         return render_error(request, error, record_of(request).request_id)
+
+    @app.handle_errors(RequestRedirect)
+    def canonical_url(self, request: IRequest, failure: Failure) -> bytes:
+        """werkzeug's redirect to a route's canonical URL (``/dashboard/index.html`` ->
+        ``/dashboard/``): a 308 with a relative Location, never a 500."""
+        target = urlsplit(failure.value.new_url)  # type: ignore[union-attr]
+        location = target.path + (f"?{target.query}" if target.query else "")
+        set_status(request, 308)
+        request.setHeader(b"location", location.encode("ascii", "replace"))
+        return with_length(request, b"")
 
     @app.handle_errors(Exception)
     def bug(self, request: IRequest, failure: Failure) -> bytes:

@@ -66,6 +66,10 @@ def payload_too_large(limit: int) -> ApiError:
     return ApiError(413, "Payload Too Large", f"request body exceeds the limit of {limit} bytes")
 
 
+def request_timeout(seconds: float) -> ApiError:
+    return ApiError(408, "Request Timeout", f"the request did not arrive within {seconds:g} s")
+
+
 def bad_gateway(message: str, upstream_failure: str) -> ApiError:
     return ApiError(502, "Bad Gateway", message, upstream_failure=upstream_failure)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 import attrs
@@ -24,6 +24,9 @@ from twisted.web.server import NOT_DONE_YET
 from mpcapi.errors import bad_request, render_error
 from mpcapi.streaming import SSERelay
 from mpcapi.usage import Usage
+
+if TYPE_CHECKING:
+    from mpcapi.keys import ClientKey
 
 log = Logger(namespace="mpcapi.request")
 
@@ -65,6 +68,7 @@ class RequestRecord:
     user: str | None = None  # the key's owner
     cache: str | None = None  # hit, miss or bypass, for cacheable requests
     rate_limited: bool = False
+    client_key: ClientKey | None = None  # the key's row (limits, budget) when auth is on
 
     def final_usage(self) -> Usage | None:
         return self.stream.usage if self.stream is not None else self.usage
@@ -108,7 +112,8 @@ def log_fields(request: Any, record: RequestRecord, now: float) -> dict[str, Any
         first = stream.first_byte_at
         fields["ttfb_ms"] = round((first - record.started) * 1000, 2) if first else None
         fields["events"] = stream.events
-        if stream.outcome is not None and record.outcome != "client_abort":
+        fields["content_deltas"] = stream.content_deltas
+        if stream.outcome is not None and (record.outcome != "client_abort" or stream.saw_done):
             fields["outcome"] = stream.outcome.value
     return fields
 

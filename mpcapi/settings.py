@@ -126,6 +126,15 @@ def _database_url(raw: Any) -> str:
     return text
 
 
+def _without_password(url: str) -> str:
+    """``url`` with the password of its user part (``user:password@``) masked."""
+    scheme, separator, rest = url.partition("://")
+    user_part, at, host_part = rest.rpartition("@")
+    if not separator or not at or ":" not in user_part:
+        return url
+    return f"{scheme}://{user_part.split(':', 1)[0]}:***@{host_part}"
+
+
 def _redis_url(raw: Any) -> str:
     text = str(raw).strip()
     if text and not text.startswith(("redis://", "unix://")):
@@ -210,6 +219,41 @@ SETTINGS: tuple[Setting, ...] = (
         "largest accepted request body in bytes (larger: 413)",
     ),
     Setting(
+        "read_timeout",
+        ("MPCAPI_READ_TIMEOUT",),
+        30.0,
+        _positive_seconds,
+        "seconds a client may take to send a request's headers and body (then 408)",
+    ),
+    Setting(
+        "idle_timeout",
+        ("MPCAPI_IDLE_TIMEOUT",),
+        60.0,
+        _positive_seconds,
+        "seconds an idle keep-alive connection stays open",
+    ),
+    Setting(
+        "max_connections",
+        ("MPCAPI_MAX_CONNECTIONS",),
+        10000,
+        _positive_int,
+        "open client connections per worker; more get 503 and are closed",
+    ),
+    Setting(
+        "drain_seconds",
+        ("MPCAPI_DRAIN_SECONDS",),
+        30.0,
+        _positive_seconds,
+        "on SIGTERM, how long in-flight requests and streams may take to finish",
+    ),
+    Setting(
+        "cors_origins",
+        ("MPCAPI_CORS_ORIGINS",),
+        "",
+        _text,
+        "browser origins allowed to call the API, comma-separated ('*': any); empty: CORS off",
+    ),
+    Setting(
         "workers",
         ("MPCAPI_WORKERS",),
         1,
@@ -260,6 +304,13 @@ SETTINGS: tuple[Setting, ...] = (
         "Redis shared by instances for limits and cache; empty: in memory, per process",
     ),
     Setting(
+        "redis_prefix",
+        ("MPCAPI_REDIS_PREFIX",),
+        "mpcapi:",
+        _non_empty,
+        "prefix of every Redis key MPC-API writes (instances sharing limits share it)",
+    ),
+    Setting(
         "cache_ttl",
         ("MPCAPI_CACHE_TTL",),
         0,
@@ -286,6 +337,27 @@ SETTINGS: tuple[Setting, ...] = (
         False,
         _boolean,
         "true: /metrics needs no admin key",
+    ),
+    Setting(
+        "log_bodies",
+        ("MPCAPI_LOG_BODIES",),
+        False,
+        _boolean,
+        "true: the usage ledger also stores request and response bodies (credentials redacted)",
+    ),
+    Setting(
+        "prices",
+        ("MPCAPI_PRICES",),
+        "",
+        _text,
+        "TOML price table (USD per 1M tokens) for costs LiteLLM does not report; empty: built in",
+    ),
+    Setting(
+        "usage_spool",
+        ("MPCAPI_USAGE_SPOOL",),
+        "mpcapi-usage.spool.jsonl",
+        _non_empty,
+        "file keeping usage rows while the database is unreachable (replayed when it is back)",
     ),
     Setting(
         "env",
@@ -321,6 +393,11 @@ class Settings:
     ready_timeout: float = 2.0
     pool_size: int = 256
     max_body_bytes: int = 32 * 1024 * 1024
+    read_timeout: float = 30.0
+    idle_timeout: float = 60.0
+    max_connections: int = 10000
+    drain_seconds: float = 30.0
+    cors_origins: str = ""
     workers: int = 1
     auth: str = "off"
     database_url: str = "sqlite:///mpcapi.db"
@@ -328,10 +405,14 @@ class Settings:
     default_rpm: int = 0
     default_tpm: int = 0
     redis_url: str = ""
+    redis_prefix: str = "mpcapi:"
     cache_ttl: int = 0
     cache_scope: str = "key"
     cache_max_bytes: int = 64 * 1024 * 1024
     metrics_public: bool = False
+    log_bodies: bool = False
+    prices: str = ""
+    usage_spool: str = "mpcapi-usage.spool.jsonl"
     env: str = "production"
     log_format: str = "json"
     config_file: str = ""
@@ -347,6 +428,7 @@ class Settings:
         for setting in SETTINGS:
             if setting.secret and values[setting.name]:
                 values[setting.name] = "***"
+        values["database_url"] = _without_password(self.database_url)
         return values
 
 

@@ -29,13 +29,20 @@ class SSEParser:
 
     def __init__(self) -> None:
         self._buffer = b""
+        self._raw = b""  # consumed bytes of the frame in progress
         self._data: list[bytes] = []
         self._event = b""
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
+        return [event for _, event in self.feed_frames(chunk) if event is not None]
+
+    def feed_frames(self, chunk: bytes) -> list[tuple[bytes, SSEEvent | None]]:
+        """Like ``feed``, with each completed frame's raw bytes (everything up to and
+        including the blank line that ends it); the event is None for a frame that
+        dispatches nothing (comments only, no data)."""
         buffer = self._buffer + chunk
-        events: list[SSEEvent] = []
-        position = 0
+        frames: list[tuple[bytes, SSEEvent | None]] = []
+        position = frame_start = 0
         while True:
             match = _LINE_END.search(buffer, position)
             if match is None:
@@ -45,10 +52,16 @@ class SSEParser:
             line = buffer[position : match.start()]
             position = match.end()
             event = self._line(line)
-            if event is not None:
-                events.append(event)
+            if not line:
+                frames.append((self._raw + buffer[frame_start:position], event))
+                self._raw, frame_start = b"", position
+        self._raw += buffer[frame_start:position]
         self._buffer = buffer[position:]
-        return events
+        return frames
+
+    def rest(self) -> bytes:
+        """The raw bytes of the unfinished frame (to pass on when the stream ends)."""
+        return self._raw + self._buffer
 
     @property
     def pending(self) -> bool:

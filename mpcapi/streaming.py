@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from enum import Enum
+from typing import Any
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred
@@ -22,7 +23,7 @@ from zope.interface import implementer
 
 from mpcapi.sse import DONE, SSEEvent, SSEParser
 from mpcapi.upstream import UpstreamBody
-from mpcapi.usage import Usage, usage_of_event
+from mpcapi.usage import Usage, usage_of_chunk
 
 SSE_HEADERS = {
     b"content-type": b"text/event-stream",
@@ -46,6 +47,35 @@ def error_event(message: str, kind: str) -> bytes:
     return b"data: " + json.dumps(document).encode("utf-8") + b"\n\n"
 
 
+def has_text(choice: Any) -> bool:
+    """Whether a stream chunk's choice carries text (a delta's content, or a completion's)."""
+    if not isinstance(choice, dict):
+        return False
+    delta = choice.get("delta")
+    if isinstance(delta, dict) and delta.get("content"):
+        return True
+    return bool(choice.get("text"))
+
+
+def is_usage_only(chunk: dict[str, Any]) -> bool:
+    """Whether a stream chunk carries usage and nothing else: no choices, or (as LiteLLM
+    sends it) choices with an empty delta, no text and no finish reason."""
+    if not isinstance(chunk.get("usage"), dict):
+        return False
+    choices = chunk.get("choices")
+    if choices is None:
+        return True
+    if not isinstance(choices, list):
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict):
+            return False
+        for name, value in choice.items():
+            if name != "index" and value not in (None, "", {}, []):
+                return False
+    return True
+
+
 @implementer(IPushProducer)
 class SSERelay(UpstreamBody):
     """Receives LiteLLM's body and writes it through to the client's request.
@@ -53,9 +83,15 @@ class SSERelay(UpstreamBody):
     ``ended`` fires with a ``StreamEnd`` once the stream is over, however it ended.
     """
 
-    def __init__(self, request: Request, clock: IReactorTime, idle_timeout: float) -> None:
+    def __init__(
+        self, request: Request, clock: IReactorTime, idle_timeout: float, hide_usage: bool = False
+    ) -> None:
         super().__init__(clock, idle_timeout)
         self._request = request
+        # True when we asked LiteLLM for usage and the client did not: the usage-only chunk is
+        # counted, not relayed, so events are written whole, one at a time, as they complete.
+        self._hide_usage = hide_usage
+        self.content_deltas = 0  # chunks that carried text (the count of an abandoned stream)
         self._parser = SSEParser()
         self.outcome: StreamEnd | None = None
         self.started = clock.seconds()
@@ -77,9 +113,14 @@ class SSERelay(UpstreamBody):
             return
         if self.first_byte_at is None:
             self.first_byte_at = self._clock.seconds()
-        self._request.write(data)
-        for event in self._parser.feed(data):
-            self._observe(event)
+        if self._hide_usage:
+            for raw, event in self._parser.feed_frames(data):
+                if event is None or not self._observe(event):
+                    self._request.write(raw)
+        else:
+            self._request.write(data)
+            for event in self._parser.feed(data):
+                self._observe(event)
         self._touch_timer()
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
@@ -111,14 +152,30 @@ class SSERelay(UpstreamBody):
 
     # Internals
 
-    def _observe(self, event: SSEEvent) -> None:
-        """Count the event; note the end marker and the usage chunk (they are not relayed
-        any differently: the bytes already went out as they came)."""
+    def _observe(self, event: SSEEvent) -> bool:
+        """Count the event; note the end marker, the usage chunk and the text chunks. True
+        when the event is the usage-only chunk we asked for and the client did not."""
         self.events += 1
         if event.data == DONE:
             self.saw_done = True
-        else:
-            self.usage = usage_of_event(event.data) or self.usage
+            return False
+        try:
+            chunk = json.loads(event.data)
+        except ValueError:
+            return False
+        if not isinstance(chunk, dict):
+            return False
+        choices = chunk.get("choices")
+        if isinstance(choices, list) and any(has_text(choice) for choice in choices):
+            self.content_deltas += 1
+        usage = usage_of_chunk(chunk)
+        if usage is None:
+            return False
+        self.usage = usage
+        if self._hide_usage and is_usage_only(chunk):
+            self.events -= 1  # the client never sees it
+            return True
+        return False
 
     def _timed_out(self) -> None:
         message = f"LiteLLM sent nothing for {self._idle_timeout:g} s"
@@ -127,11 +184,12 @@ class SSERelay(UpstreamBody):
 
     def _client_gone(self, _: object) -> None:
         self._abandon()
-        self._announce(StreamEnd.CLIENT_ABORT)
+        self._announce(self.outcome or StreamEnd.CLIENT_ABORT)
 
     def _abandon(self) -> None:
         if self.outcome is None:
-            self.outcome = StreamEnd.CLIENT_ABORT
+            # A client that closes once it has [DONE] (the OpenAI SDK does) got everything.
+            self.outcome = StreamEnd.COMPLETED if self.saw_done else StreamEnd.CLIENT_ABORT
             self._stop_timer()
             self._close_upstream()
 
@@ -139,6 +197,8 @@ class SSERelay(UpstreamBody):
         self.outcome = outcome
         self._stop_timer()
         self._request.unregisterProducer()
+        if self._hide_usage and self._parser.rest():
+            self._request.write(self._parser.rest())  # an unfinished last event, as it came
         if last_event:
             self._request.write(last_event)
         self._request.finish()

@@ -8,14 +8,20 @@ from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
 
 from mpcapi.app import Gateway
+from mpcapi.database import DatabaseError, migrate_now
+from mpcapi.keys import open_authenticator
+from mpcapi.ledger import PriceTable, open_ledger
+from mpcapi.lifecycle import Drain
 from mpcapi.logs import observer_for
+from mpcapi.metrics import MULTIPROC_ENV, Metrics
 from mpcapi.settings import CONFIG_ENV, SETTINGS, ConfigError, Settings, load_settings
-from mpcapi.site import GatewaySite
+from mpcapi.site import ConnectionCap, GatewaySite
 from mpcapi.upstream import LiteLLMClient, make_http_client, make_pool
 from mpcapi.workers import (
     WORKER_FD_ENV,
@@ -90,6 +96,19 @@ class _PoolCloser(Service):
         return self._pool.closeCachedConnections()
 
 
+class _RedisCloser(Service):
+    """Closes the Redis connections (rate limits, cache) when the daemon stops."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._gateway.redis is not None:
+            return Deferred.fromCoroutine(self._gateway.redis.close())
+        return None
+
+
 def build_service(
     settings: Settings, reactor: Any, worker: str | None = None, inherited_fd: int | None = None
 ) -> MultiService:
@@ -103,16 +122,32 @@ def build_service(
         clock=reactor,
         timeout=settings.litellm_timeout,
     )
-    gateway = Gateway(settings, upstream, reactor)
-    site = GatewaySite(gateway.resource(), settings.max_body_bytes, reactor=reactor)
+    keys = open_authenticator(settings, reactor, reactor) if settings.auth == "keys" else None
+    # Workers get a multiprocess metrics directory from their supervisor (see mpcapi.metrics).
+    metrics = Metrics(reactor, multiproc_dir=os.environ.get(MULTIPROC_ENV) or None)
+    # The usage ledger shares the client keys' database when there is one (see mpcapi.ledger).
+    ledger = open_ledger(settings, reactor, keys.database if keys else None, worker)
+    gateway = Gateway(settings, upstream, reactor, keys=keys, metrics=metrics, ledger=ledger)
+    site = GatewaySite(
+        gateway.resource(),
+        settings.max_body_bytes,
+        settings.read_timeout,
+        timeout=settings.idle_timeout,
+        reactor=reactor,
+    )
+    connections = ConnectionCap(site, settings.max_connections)
+    ledger.idle = lambda: not connections.protocols  # its last flush waits for the drain
+    ledger.setServiceParent(service)
     listening: Service
     if inherited_fd is None:
-        listening = strports.service(settings.listen_endpoint, site, reactor=reactor)
+        listening = strports.service(settings.listen_endpoint, connections, reactor=reactor)
     else:
-        listening = AdoptedPort(reactor, inherited_fd, site)
+        listening = AdoptedPort(reactor, inherited_fd, connections)
         install_reload_signal(reactor)
     listening.setServiceParent(service)
+    Drain(reactor, connections, settings.drain_seconds).setServiceParent(service)
     _PoolCloser(pool).setServiceParent(service)
+    _RedisCloser(gateway).setServiceParent(service)
     return service
 
 
@@ -125,7 +160,8 @@ def build_supervisor(settings: Settings, reactor: Any, options: Options) -> Mult
         sys.stderr.write(f"mpcapi: cannot listen on {settings.host}:{settings.port}: {error}\n")
         raise SystemExit(1) from None
     argv = worker_argv(options.as_argv())
-    WorkerPool(reactor, sock, settings.workers, argv).setServiceParent(service)
+    grace = settings.drain_seconds + 5  # the workers' drain, then they are killed
+    WorkerPool(reactor, sock, settings.workers, argv, grace).setServiceParent(service)
     log.info("MPC-API configuration: {settings}", settings=settings.masked())
     return service
 
@@ -136,6 +172,17 @@ def makeService(options: Options) -> IService:
     except ConfigError as error:
         sys.stderr.write(f"mpcapi: configuration error: {error}\n")
         raise SystemExit(2) from None
+    try:
+        PriceTable.load(settings.prices)
+    except ValueError as error:
+        sys.stderr.write(f"mpcapi: configuration error: MPCAPI_PRICES: {error}\n")
+        raise SystemExit(2) from None
+    if settings.auth == "keys":  # client keys need their table before the first request
+        try:
+            migrate_now(settings.database_url)
+        except DatabaseError as error:
+            sys.stderr.write(f"mpcapi: database error: MPCAPI_DATABASE_URL: {error}\n")
+            raise SystemExit(2) from None
     from twisted.internet import reactor
 
     inherited_fd = os.environ.get(WORKER_FD_ENV)

@@ -54,6 +54,19 @@ def usage_of_answer(body: bytes, response: IResponse) -> Usage | None:
     return attrs.evolve(usage, cost_usd=cost_of(response))
 
 
+def usage_of_chunk(document: Any) -> Usage | None:
+    """The usage of one parsed stream chunk, with the cost LiteLLM puts in it (``usage.cost``)
+    when there is one."""
+    usage = _tokens(document)
+    if usage is None:
+        return None
+    cost = document["usage"].get("cost")
+    number = isinstance(cost, int | float) and not isinstance(cost, bool)
+    if number and math.isfinite(cost) and cost >= 0:
+        return attrs.evolve(usage, cost_usd=float(cost))
+    return usage
+
+
 def usage_of_event(data: str) -> Usage | None:
     """The usage carried by one stream event's data, if any (the final chunk's)."""
     if '"usage"' not in data:

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import attrs
@@ -36,11 +36,17 @@ from twisted.web.resource import IResource
 from zope.interface import implementer
 
 from mpcapi.errors import ApiError, bad_gateway, bad_request, gateway_timeout, internal_error
+from mpcapi.ledger import asks_for_usage
 from mpcapi.requestlog import STREAM_FORMAT
 from mpcapi.settings import Settings
 from mpcapi.sse import DONE, SSEEvent, SSEParser
+from mpcapi.streaming import has_text, is_usage_only
 from mpcapi.upstream import LiteLLMClient, UpstreamBody, check_upstream_status, error_message
+from mpcapi.usage import Usage, usage_of_chunk
 from mpcapi.validation import RequestValidator, parse_json_object
+
+if TYPE_CHECKING:
+    from mpcapi.keys import ClientKey, KeyAuthenticator
 
 log = Logger(namespace="mpcapi.request")
 socket_log = Logger(namespace="mpcapi.websocket")
@@ -129,10 +135,18 @@ class Call:
     first_event_at: float | None = None
     pending: defer.Deferred[None] | None = None
     stream: UpstreamStream | None = None
+    # For the usage ledger (see mpcapi.ledger): its operation, tokens, text chunks, key.
+    route: str | None = None
+    usage: Usage | None = None
+    content_deltas: int = 0
+    hide_usage: bool = False  # usage asked for by us, not by the client: not relayed
+    key: ClientKey | None = None
 
 
 class WebSocketEndpoint:
     """The Klein route's helper: one autobahn factory for every socket of the daemon."""
+
+    keys: KeyAuthenticator | None = None  # with MPCAPI_AUTH=keys: every message's key is checked
 
     def __init__(
         self,
@@ -145,6 +159,9 @@ class WebSocketEndpoint:
         self.upstream = upstream
         self.clock = clock
         self.validator = validator
+        # Called with each finished request's fields, like RequestLogging's (the usage ledger).
+        self.observers: list[Callable[[dict[str, Any]], None]] = []
+        self.check_budget: Callable[[ClientKey | None], Awaitable[None]] | None = None
         self.factory = GatewayWebSocketFactory(self, server="mpc-api", reactor=clock)
         self.factory.setProtocolOptions(
             webStatus=False,
@@ -168,6 +185,10 @@ class WebSocketEndpoint:
     def session(
         self, send: Callable[[bytes], None], path: str, authorization: bytes | None, client: str
     ) -> WebSocketSession:
+        if self.settings.auth == "keys":  # the upgrade's client key is ours, not LiteLLM's
+            session = WebSocketSession(self, send, path, None, client)
+            session.client_key_header = authorization
+            return session
         return WebSocketSession(self, send, path, authorization, client)
 
 
@@ -188,6 +209,7 @@ class WebSocketSession:
         self._send_bytes = send
         self.path = path
         self._authorization = authorization
+        self.client_key_header: bytes | None = None  # checked again for each request
         self._client = client
         self.calls: dict[str, Call] = {}
         self.paused = False
@@ -272,6 +294,12 @@ class WebSocketSession:
             raise bad_request('"body" is required and must be a JSON object')
         model = body.get("model")
         call.model = model if isinstance(model, str) else None
+        call.route = operation.path
+        if self._endpoint.observers and not asks_for_usage(body):  # the ledger counts it
+            call.hide_usage = True
+            options = body.get("stream_options")
+            options = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+            body = {**body, "stream_options": options}
         raw = json.dumps({**body, "stream": True}, separators=(",", ":")).encode("utf-8")
         self._endpoint.validator.validate(operation.schema, raw)
         return operation, raw
@@ -293,6 +321,10 @@ class WebSocketSession:
 
     async def _run(self, call: Call, path: str, body: bytes) -> None:
         endpoint = self._endpoint
+        if endpoint.keys is not None:  # a key revoked while its socket is open stops working
+            call.key = await endpoint.keys.authenticate(self.client_key_header)
+        if endpoint.check_budget is not None:  # a key whose budget is spent: 429
+            await endpoint.check_budget(call.key)
         response = await endpoint.upstream.send(
             "POST",
             path,
@@ -318,7 +350,10 @@ class WebSocketSession:
             return  # cancelled, or the socket is gone: nobody waits for an answer
         if failure.check(ApiError):
             problem: ApiError = failure.value  # type: ignore[assignment]
-            self.fail(call, problem, "timeout" if problem.status == 504 else "upstream_error")
+            outcome = {504: "timeout", 401: "refused", 503: "refused"}.get(
+                problem.status, "upstream_error"
+            )
+            self.fail(call, problem, outcome)
             return
         log.failure(
             "unhandled error in a WebSocket request, request_id={request_id}",
@@ -342,6 +377,15 @@ class WebSocketSession:
     # Towards the client (called by UpstreamStream too)
 
     def chunk(self, call: Call, data: Any) -> None:
+        if isinstance(data, dict):
+            usage = usage_of_chunk(data)
+            if usage is not None:
+                call.usage = usage
+                if call.hide_usage and is_usage_only(data):
+                    return
+            choices = data.get("choices")
+            if isinstance(choices, list) and any(has_text(choice) for choice in choices):
+                call.content_deltas += 1
         call.events += 1
         if call.first_event_at is None:
             call.first_event_at = self._clock.seconds()
@@ -405,6 +449,38 @@ class WebSocketSession:
             ws_type=call.kind,
             ws_id=call.id[:128] if call.id is not None else None,
         )
+        if self._endpoint.observers:
+            self._observe(call, now)
+
+    def _observe(self, call: Call, now: float) -> None:
+        """Hand the finished request to the observers (the usage ledger)."""
+        first = call.first_event_at
+        fields: dict[str, Any] = {
+            "request_id": call.request_id,
+            "method": "WS",
+            "path": self.path,
+            "route": call.route,
+            "status": call.status,
+            "duration_ms": round((now - call.started) * 1000, 2),
+            "model": call.model,
+            "upstream_status": call.upstream_status,
+            "outcome": call.outcome,
+            "client": self._client,
+            "key_id": call.key.id if call.key is not None else None,
+            "user": call.key.user if call.key is not None else None,
+            "ttfb_ms": round((first - call.started) * 1000, 2) if first is not None else None,
+            "events": call.events,
+            "content_deltas": call.content_deltas,
+        }
+        if call.usage is not None:
+            fields["prompt_tokens"] = call.usage.prompt_tokens
+            fields["completion_tokens"] = call.usage.completion_tokens
+            fields["cost_usd"] = call.usage.cost_usd
+        for observe in self._endpoint.observers:
+            try:
+                observe(fields)
+            except Exception:
+                log.failure("WebSocket request observer {observer!r} failed", observer=observe)
 
 
 class UpstreamStream(UpstreamBody):

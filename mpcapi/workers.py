@@ -27,6 +27,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mpcapi.metrics import MULTIPROC_ENV, forget_process, fresh_multiproc_dir, remove_multiproc_dir
 from mpcapi.settings import LISTEN_BACKLOG
 
 log = Logger(namespace="mpcapi.workers")
@@ -74,6 +75,7 @@ class _Worker(ProcessProtocol):
         self.pool = pool
         self.number = number
         self.ended: defer.Deferred[None] = defer.Deferred()
+        self.pid: int | None = None
 
     def processEnded(self, reason: Failure) -> None:
         self.ended.callback(None)
@@ -83,16 +85,26 @@ class _Worker(ProcessProtocol):
 class WorkerPool(Service):
     """The supervisor's side: start, restart, signal and stop the workers."""
 
-    def __init__(self, reactor: Any, sock: socket.socket, count: int, argv: Sequence[str]) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        sock: socket.socket,
+        count: int,
+        argv: Sequence[str],
+        stop_grace: float = STOP_GRACE,
+    ) -> None:
         self._reactor = reactor
+        self._stop_grace = stop_grace
         self._socket = sock
         self._count = count
         self._argv = list(argv)
         self._workers: dict[int, _Worker] = {}
         self._stopping = False
+        self._metrics_dir = ""
 
     def startService(self) -> None:
         super().startService()
+        self._metrics_dir = fresh_multiproc_dir()  # every worker writes its metrics there
         for number in range(1, self._count + 1):
             self._spawn(number)
         signal.signal(signal.SIGHUP, self._on_sighup)
@@ -108,14 +120,20 @@ class WorkerPool(Service):
             **os.environ,
             WORKER_FD_ENV: str(INHERITED_FD),
             WORKER_ID_ENV: str(number),
+            MULTIPROC_ENV: self._metrics_dir,
         }
         child_fds = {0: 0, 1: 1, 2: 2, INHERITED_FD: self._socket.fileno()}
-        self._reactor.spawnProcess(worker, self._argv[0], self._argv, env=env, childFDs=child_fds)
+        process = self._reactor.spawnProcess(
+            worker, self._argv[0], self._argv, env=env, childFDs=child_fds
+        )
+        worker.pid = process.pid
         self._workers[number] = worker
 
     def worker_ended(self, worker: _Worker, reason: Failure) -> None:
         if self._workers.get(worker.number) is worker:
             del self._workers[worker.number]
+        if worker.pid is not None:
+            forget_process(self._metrics_dir, worker.pid)
         if self._stopping:
             return
         how = "exited" if reason.check(ProcessDone) else f"died ({reason.value})"
@@ -142,10 +160,17 @@ class WorkerPool(Service):
         self._forward(signal.SIGTERM)
         waiting = [worker.ended for worker in self._workers.values()]
         done: defer.Deferred[Any] = defer.DeferredList(waiting)
-        killer = self._reactor.callLater(STOP_GRACE, self._kill_all)
+        killer = self._reactor.callLater(self._stop_grace, self._kill_all)
         done.addBoth(lambda result: killer.cancel() if killer.active() else None)
         done.addBoth(lambda _: self._socket.close())
+        done.addBoth(lambda _: remove_multiproc_dir(self._metrics_dir))
+        done.addBoth(lambda _: self._exit_cleanly())
         return done
+
+    def _exit_cleanly(self) -> None:
+        # Workers drained and gone: a clean stop (twistd would re-raise SIGTERM otherwise).
+        if hasattr(self._reactor, "_exitSignal"):
+            self._reactor._exitSignal = None
 
     def _kill_all(self) -> None:
         for worker in list(self._workers.values()):

@@ -14,6 +14,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from mpcapi.app import Gateway
+from mpcapi.keys import KeyAuthenticator, open_authenticator
 from mpcapi.settings import Settings
 from mpcapi.upstream import LiteLLMClient
 
@@ -102,6 +103,8 @@ class Harness:
     client: Any
     settings: Settings
     upstream: LiteLLMClient
+    keys: KeyAuthenticator | None = None  # with auth="keys": its database runs on the reactor
+    gateway: Gateway | None = None
 
     def flush(self) -> None:
         for _ in range(5):
@@ -128,8 +131,14 @@ def make_harness(**overrides: Any) -> Harness:
         clock=clock,
         timeout=settings.litellm_timeout,
     )
-    gateway = Gateway(settings, upstream, clock)
-    return Harness(fake, clock, upstream_stub, StubTreq(gateway.resource()), settings, upstream)
+    keys = None
+    if settings.auth == "keys":
+        from twisted.internet import reactor
+
+        keys = open_authenticator(settings, reactor, clock)
+    gateway = Gateway(settings, upstream, clock, keys=keys)
+    client = StubTreq(gateway.resource())
+    return Harness(fake, clock, upstream_stub, client, settings, upstream, keys, gateway)
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from mpcapi.app import Gateway
 from mpcapi.settings import Settings
-from mpcapi.site import GatewaySite
+from mpcapi.site import ConnectionCap, GatewaySite
 from mpcapi.upstream import LiteLLMClient, make_http_client, make_pool
 from tests.unit.conftest import CHAT
 
@@ -130,8 +130,14 @@ async def running() -> AsyncIterator[Any]:
             timeout=settings.litellm_timeout,
         )
         gateway = Gateway(settings, client, reactor)  # type: ignore[arg-type]
-        site = GatewaySite(gateway.resource(), settings.max_body_bytes)
-        port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
+        site = GatewaySite(
+            gateway.resource(),
+            settings.max_body_bytes,
+            settings.read_timeout,
+            timeout=settings.idle_timeout,
+        )
+        connections = ConnectionCap(site, settings.max_connections)
+        port = reactor.listenTCP(0, connections, interface="127.0.0.1")  # type: ignore[attr-defined]
         started.extend([port, upstream_port, pool])
         number = port.getHost().port
         return Running(f"http://127.0.0.1:{number}", number, upstream)
@@ -273,3 +279,44 @@ async def test_slow_reader_pauses_the_upstream(running: Any) -> None:
     assert written_while_flowing > 10 * max(written_while_blocked, 1)
     client.transport.loseConnection()
     await gateway.upstream.left.addTimeout(3, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_too_slow_to_arrive_gets_408(running: Any) -> None:
+    gateway = await running(read_timeout=0.5)
+    client = await raw_connect(gateway.port)
+    client.transport.write(b"POST /api/chat/completions HTTP/1.1\r\nhost: x\r\n")  # and stalls
+    await client.closed.addTimeout(5, reactor)
+    head, _, body = client.received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ")
+    assert json.loads(body)["error"] == "Request Timeout"
+    assert gateway.upstream.bodies == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idle_keep_alive_connection_is_closed(running: Any) -> None:
+    gateway = await running(idle_timeout=0.5)
+    client = await raw_connect(gateway.port)
+    client.transport.write(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+    await client.got_data.addTimeout(5, reactor)
+    assert client.received.startswith(b"HTTP/1.1 200 ")
+    opened = time.monotonic()
+    await client.closed.addTimeout(5, reactor)
+    assert 0.3 < time.monotonic() - opened < 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_past_the_cap_get_503(running: Any) -> None:
+    gateway = await running(max_connections=2)
+    first, second = await raw_connect(gateway.port), await raw_connect(gateway.port)
+    third = await raw_connect(gateway.port)
+    await third.closed.addTimeout(5, reactor)
+    head, _, body = third.received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ")
+    assert json.loads(body)["error"] == "Service Unavailable"
+    assert b"x-request-id: " + json.loads(body)["request_id"].encode() in head
+    first.transport.write(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+    await first.got_data.addTimeout(5, reactor)
+    assert first.received.startswith(b"HTTP/1.1 200 "), "connections within the cap are served"
+    for client in (first, second):
+        client.transport.loseConnection()

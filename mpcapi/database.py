@@ -1,0 +1,353 @@
+"""The project's database: SQLite or PostgreSQL, its schema migrations, and two ways in.
+
+``MPCAPI_DATABASE_URL`` is ``sqlite:///<path>`` (relative to the working directory;
+``sqlite:////abs/path`` for an absolute one) or ``postgresql://…`` (any libpq URI).
+
+- ``Database``: the daemon's non-blocking access, on ``twisted.enterprise.adbapi``: every
+  query runs in the pool's thread, the reactor gets a Deferred.
+- ``SyncDatabase``: the same for command-line tools (``mpcapi-admin``), plain blocking calls.
+
+Both run the same functions: ``fn(cursor, *args)``, where ``cursor`` takes SQL written with
+``?`` placeholders on either database (``Cursor`` translates them for psycopg's ``%s``).
+Schema changes are ``MIGRATIONS``, one ordered list; both ways in apply the missing ones
+before their first query, inside one transaction under a lock, and record them in
+``schema_migrations``. A new migration is appended, never edited once released.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import attrs
+from twisted.enterprise import adbapi
+from twisted.internet import defer
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+SQLITE_PREFIX = "sqlite:///"
+POSTGRES_PREFIXES = ("postgresql://", "postgres://")
+# Held (per transaction) while migrations run, so that workers starting together take turns.
+_POSTGRES_MIGRATION_LOCK = 0x6D7063617069  # "mpcapi"
+POSTGRES_CONNECT_TIMEOUT = 10  # seconds
+SQLITE_BUSY_TIMEOUT = 5.0  # seconds to wait for another writer (the CLI, another worker)
+
+
+class DatabaseError(Exception):
+    """The database cannot be opened or used; the message says which and why."""
+
+
+@attrs.frozen
+class Migration:
+    """One schema change: its version (1, 2, …), a name, and its statements."""
+
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "client keys",
+        (
+            # id is public (logs, mpcapi-admin); key_hash is the SHA-256 hex of the secret,
+            # which is never stored. rpm/tpm NULL: the daemon's defaults apply; 0: unlimited.
+            # Times are ISO-8601 UTC text, the same on both databases.
+            """CREATE TABLE client_keys (
+                id TEXT PRIMARY KEY,
+                key_hash TEXT NOT NULL,
+                "user" TEXT NOT NULL,
+                rpm INTEGER,
+                tpm INTEGER,
+                budget_usd DOUBLE PRECISION,
+                created_at TEXT NOT NULL,
+                revoked_at TEXT
+            )""",
+            "CREATE UNIQUE INDEX client_keys_key_hash ON client_keys (key_hash)",
+            'CREATE INDEX client_keys_user ON client_keys ("user")',
+        ),
+    ),
+    Migration(
+        2,
+        "usage ledger",
+        (
+            # One row per finished request (see mpcapi.ledger); request_id is unique, so a
+            # replayed row is never stored twice. created_at: ISO-8601 UTC with milliseconds.
+            """CREATE TABLE usage (
+                request_id TEXT PRIMARY KEY,
+                created_at TEXT NOT NULL,
+                key_id TEXT,
+                "user" TEXT,
+                client TEXT,
+                method TEXT,
+                route TEXT,
+                model TEXT,
+                status INTEGER,
+                upstream_status INTEGER,
+                latency_ms DOUBLE PRECISION,
+                upstream_ms DOUBLE PRECISION,
+                ttfb_ms DOUBLE PRECISION,
+                prompt_tokens INTEGER NOT NULL DEFAULT 0,
+                completion_tokens INTEGER NOT NULL DEFAULT 0,
+                cost_usd DOUBLE PRECISION NOT NULL DEFAULT 0,
+                cost_source TEXT NOT NULL,
+                cache TEXT,
+                outcome TEXT,
+                request_body TEXT,
+                response_body TEXT
+            )""",
+            "CREATE INDEX usage_created_at ON usage (created_at)",
+            "CREATE INDEX usage_model ON usage (model, created_at)",
+            'CREATE INDEX usage_user ON usage ("user", created_at)',
+            "CREATE INDEX usage_key_id ON usage (key_id, created_at)",
+        ),
+    ),
+)
+
+
+def utc_now() -> str:
+    """The current time as stored: ISO-8601 UTC, seconds, with a Z."""
+    return datetime.now(tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- dialects -----------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Dialect:
+    """What differs between the two databases: the driver, how to connect, placeholders."""
+
+    name: str  # "sqlite" or "postgresql"
+    module: str  # the DB-API module adbapi imports
+    connect_args: tuple[Any, ...]
+    connect_kwargs: dict[str, Any]
+    placeholder: str  # "?" or "%s"
+
+    def describe(self, error: BaseException) -> str:
+        """A driver's error as one line, naming the SQLite file (never a password)."""
+        reason = " ".join(str(error).split()) or type(error).__name__
+        return f"{self.connect_args[0]}: {reason}" if self.name == "sqlite" else reason
+
+    def connect(self) -> Any:
+        if self.name == "sqlite":
+            connection = sqlite3.connect(*self.connect_args, **self.connect_kwargs)
+            prepare_sqlite(connection)
+            return connection
+        import psycopg
+
+        return psycopg.connect(*self.connect_args, **self.connect_kwargs)
+
+    def sql(self, statement: str) -> str:
+        """``statement`` with ``?`` placeholders written for this driver."""
+        if self.placeholder == "?":
+            return statement
+        return statement.replace("%", "%%").replace("?", self.placeholder)
+
+
+def dialect_for(url: str) -> Dialect:
+    """The dialect of a database URL; ``DatabaseError`` when it is neither kind."""
+    if url.startswith(SQLITE_PREFIX):
+        path = url[len(SQLITE_PREFIX) :].split("?", 1)[0]
+        if not path:
+            raise DatabaseError(f"{url!r} names no file (sqlite:///<path>)")
+        return Dialect(
+            "sqlite",
+            "sqlite3",
+            (path,),
+            {"timeout": SQLITE_BUSY_TIMEOUT, "check_same_thread": False},
+            "?",
+        )
+    if url.startswith(POSTGRES_PREFIXES):
+        # A server that does not answer must not hang start-up or mpcapi-admin forever.
+        timeout = {} if "connect_timeout" in url else {"connect_timeout": POSTGRES_CONNECT_TIMEOUT}
+        return Dialect("postgresql", "psycopg", (url,), timeout, "%s")
+    raise DatabaseError(f"{url!r} must start with sqlite:/// or postgresql://")
+
+
+def prepare_sqlite(connection: Any) -> None:
+    """WAL: readers (the daemon) and a writer (mpcapi-admin) do not wait for each other."""
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA foreign_keys=ON")
+
+
+class Cursor:
+    """A DB-API cursor that takes ``?`` placeholders on either database."""
+
+    def __init__(self, raw: Any, dialect: Dialect) -> None:
+        self._raw = raw
+        self.dialect = dialect
+
+    def execute(self, statement: str, params: Sequence[Any] = ()) -> Cursor:
+        self._raw.execute(self.dialect.sql(statement), tuple(params))
+        return self
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        row = self._raw.fetchone()
+        return None if row is None else tuple(row)
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return [tuple(row) for row in self._raw.fetchall()]
+
+    @property
+    def rowcount(self) -> int:
+        count: int = self._raw.rowcount
+        return count
+
+
+# --- migrations ---------------------------------------------------------------------------------
+
+
+def apply_migrations(
+    connection: Any, dialect: Dialect, migrations: Sequence[Migration] = MIGRATIONS
+) -> list[int]:
+    """Apply the migrations that ``schema_migrations`` does not list yet, in order, in one
+    transaction under a lock; return the versions applied (empty when up to date)."""
+    raw = connection.cursor()
+    cursor = Cursor(raw, dialect)
+    try:
+        if dialect.name == "sqlite":
+            raw.execute("BEGIN IMMEDIATE")  # the write lock, before reading the version
+        else:
+            cursor.execute("SELECT pg_advisory_xact_lock(?)", (_POSTGRES_MIGRATION_LOCK,))
+        cursor.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+        )
+        rows = cursor.execute("SELECT version FROM schema_migrations").fetchall()
+        applied = {row[0] for row in rows}
+        done = []
+        for migration in sorted(migrations, key=lambda m: m.version):
+            if migration.version in applied:
+                continue
+            for statement in migration.statements:
+                cursor.execute(statement)
+            cursor.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                (migration.version, migration.name, utc_now()),
+            )
+            done.append(migration.version)
+        connection.commit()
+        return done
+    except BaseException:
+        connection.rollback()
+        raise
+    finally:
+        raw.close()
+
+
+# --- the daemon's way in ------------------------------------------------------------------------
+
+
+class Database:
+    """Non-blocking access through an adbapi pool (one connection for SQLite, whose writes
+    are serial anyway; a few for PostgreSQL). Migrations run before the first query."""
+
+    POSTGRES_MAX_CONNECTIONS = 4
+
+    def __init__(self, url: str, reactor: Any) -> None:
+        self.dialect = dialect_for(url)
+        options: dict[str, Any] = {"cp_reactor": reactor, "cp_noisy": False}
+        if self.dialect.name == "sqlite":
+            options.update(cp_min=1, cp_max=1, cp_openfun=prepare_sqlite)
+        else:
+            options.update(cp_min=1, cp_max=self.POSTGRES_MAX_CONNECTIONS, cp_reconnect=True)
+        self.pool = adbapi.ConnectionPool(
+            self.dialect.module,
+            *self.dialect.connect_args,
+            **self.dialect.connect_kwargs,
+            **options,
+        )
+        self._lock = defer.DeferredLock()
+        self._up_to_date = False
+
+    def migrate(self) -> defer.Deferred[list[int]]:
+        """Apply missing migrations (checked once per process; callers take turns); fires
+        with the versions applied."""
+        return self._lock.run(self._migrate_once)
+
+    async def _migrate_once(self) -> list[int]:
+        if self._up_to_date:
+            return []
+        versions: list[int] = await self.pool.runWithConnection(apply_migrations, self.dialect)
+        self._up_to_date = True
+        return versions
+
+    async def run(
+        self, fn: Callable[Concatenate[Cursor, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Run ``fn(cursor, *args)`` in a transaction, in the pool's thread."""
+        await self.migrate()
+
+        def interaction(transaction: Any) -> T:
+            return fn(Cursor(transaction, self.dialect), *args, **kwargs)
+
+        result: T = await self.pool.runInteraction(interaction)
+        return result
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+# --- the command line's way in ------------------------------------------------------------------
+
+
+class SyncDatabase:
+    """Blocking access for command-line tools; the same functions as ``Database.run``."""
+
+    def __init__(self, url: str) -> None:
+        self.dialect = dialect_for(url)
+        self._connection: Any = None
+
+    def connection(self) -> Any:
+        if self._connection is None:
+            self._connection = self.dialect.connect()
+        return self._connection
+
+    def migrate(self) -> list[int]:
+        return apply_migrations(self.connection(), self.dialect)
+
+    def run(self, fn: Callable[Concatenate[Cursor, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
+        connection = self.connection()
+        raw = connection.cursor()
+        try:
+            result = fn(Cursor(raw, self.dialect), *args, **kwargs)
+            connection.commit()
+            return result
+        except BaseException:
+            connection.rollback()
+            raise
+        finally:
+            raw.close()
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+
+def driver_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions the drivers raise (psycopg's only when it is installed)."""
+    errors: list[type[BaseException]] = [sqlite3.Error]
+    try:
+        import psycopg
+    except ImportError:
+        pass
+    else:
+        errors.append(psycopg.Error)
+    return tuple(errors)
+
+
+def migrate_now(url: str) -> list[int]:
+    """Open the database, apply missing migrations and close it: blocking, for start-up
+    (before the reactor runs). Raises ``DatabaseError`` with the driver's reason."""
+    database = SyncDatabase(url)
+    try:
+        return database.migrate()
+    except driver_errors() as error:
+        raise DatabaseError(database.dialect.describe(error)) from None
+    finally:
+        database.close()

@@ -1,0 +1,301 @@
+"""Client keys: who may call ``/api`` and ``/v1`` when ``MPCAPI_AUTH=keys``, and the admin key.
+
+A client key is ``sk-mpc-`` + 43 URL-safe characters. Only its SHA-256 (hex) is stored, in the
+``client_keys`` table (see ``database.MIGRATIONS``), next to a public id (``key_ab12cd34``),
+its owner and its limits. The secret is shown once by ``mpcapi-admin keys create`` and never
+logged.
+
+- ``create_key``, ``list_keys``, ``revoke_key``, ``key_by_hash``: the SQL, as functions of a
+  cursor, run by ``Database.run`` (daemon) or ``SyncDatabase.run`` (``mpcapi-admin``).
+- ``KeyAuthenticator``: the daemon's check of ``Authorization: Bearer <key>``, with a short
+  cache so that the database stays off the hot path: a known key is trusted for
+  ``FRESH_FOR`` seconds, then served while it is re-read in the background up to
+  ``USABLE_FOR`` seconds, so a revoked key is refused within ``USABLE_FOR`` seconds (plus
+  one query). An unknown key is remembered for ``UNKNOWN_FOR`` seconds, so that a flood of
+  bad keys costs one query per key per second, and a new key works at once.
+- ``require_admin``: the guard of the admin surfaces (usage, metrics, dashboard).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from collections import OrderedDict
+from typing import Any
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+
+from mpcapi.database import Cursor, Database, utc_now
+from mpcapi.errors import ApiError
+from mpcapi.settings import Settings
+
+log = Logger(namespace="mpcapi.keys")
+
+SECRET_PREFIX = "sk-mpc-"
+ID_PREFIX = "key_"
+# What a key can look like (token_urlsafe(32) is 43 characters); others are refused unseen.
+_KEY_SHAPE = re.compile(r"^sk-mpc-[A-Za-z0-9_-]{16,128}$")
+_BEARER = re.compile(r"^Bearer +(\S+) *$", re.IGNORECASE)
+
+FRESH_FOR = 2.0  # seconds a looked-up key is trusted without asking the database
+USABLE_FOR = 4.0  # ... and served while it is re-read in the background (< 5 s revocation)
+UNKNOWN_FOR = 1.0  # seconds an unknown key is refused without asking the database again
+MAX_CACHED = 10_000  # entries in each cache
+
+_COLUMNS = 'id, key_hash, "user", rpm, tpm, budget_usd, created_at, revoked_at'
+
+
+@attrs.frozen
+class ClientKey:
+    """One row of ``client_keys`` (the hash, not the key). ``rpm``/``tpm`` None: the daemon's
+    defaults apply; 0: unlimited. ``budget_usd`` None: no budget."""
+
+    id: str
+    key_hash: str = attrs.field(repr=False)
+    user: str
+    rpm: int | None
+    tpm: int | None
+    budget_usd: float | None
+    created_at: str
+    revoked_at: str | None = None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    @property
+    def state(self) -> str:
+        return "revoked" if self.revoked else "active"
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> ClientKey:
+        key_id, key_hash, user, rpm, tpm, budget, created_at, revoked_at = row
+        return cls(
+            id=key_id,
+            key_hash=key_hash,
+            user=user,
+            rpm=rpm,
+            tpm=tpm,
+            budget_usd=None if budget is None else float(budget),
+            created_at=created_at,
+            revoked_at=revoked_at,
+        )
+
+
+def hash_key(secret: str) -> str:
+    """The stored form of a key: SHA-256, hex."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def new_secret() -> str:
+    return SECRET_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_key_id() -> str:
+    return ID_PREFIX + secrets.token_hex(4)
+
+
+# --- the SQL (functions of a database.Cursor) ---------------------------------------------------
+
+
+def create_key(
+    cursor: Cursor,
+    user: str,
+    rpm: int | None = None,
+    tpm: int | None = None,
+    budget_usd: float | None = None,
+) -> tuple[ClientKey, str]:
+    """Store a new key; return its row and the secret (which exists nowhere else)."""
+    secret = new_secret()
+    key = ClientKey(new_key_id(), hash_key(secret), user, rpm, tpm, budget_usd, utc_now())
+    for _ in range(5):  # ids are short: retry on the rare collision
+        if cursor.execute("SELECT 1 FROM client_keys WHERE id = ?", (key.id,)).fetchone() is None:
+            break
+        key = attrs.evolve(key, id=new_key_id())
+    cursor.execute(
+        f"INSERT INTO client_keys ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (key.id, key.key_hash, key.user, rpm, tpm, budget_usd, key.created_at, None),
+    )
+    return key, secret
+
+
+def list_keys(cursor: Cursor) -> list[ClientKey]:
+    rows = cursor.execute(f"SELECT {_COLUMNS} FROM client_keys ORDER BY created_at, id").fetchall()
+    return [ClientKey.from_row(row) for row in rows]
+
+
+def key_by_id(cursor: Cursor, key_id: str) -> ClientKey | None:
+    row = cursor.execute(f"SELECT {_COLUMNS} FROM client_keys WHERE id = ?", (key_id,)).fetchone()
+    return None if row is None else ClientKey.from_row(row)
+
+
+def key_by_hash(cursor: Cursor, key_hash: str) -> ClientKey | None:
+    row = cursor.execute(
+        f"SELECT {_COLUMNS} FROM client_keys WHERE key_hash = ?", (key_hash,)
+    ).fetchone()
+    return None if row is None else ClientKey.from_row(row)
+
+
+def revoke_key(cursor: Cursor, key_id: str) -> ClientKey | None:
+    """Revoke a key (once: a second revoke keeps the first time); None for an unknown id."""
+    cursor.execute(
+        "UPDATE client_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+        (utc_now(), key_id),
+    )
+    return key_by_id(cursor, key_id)
+
+
+# --- the daemon's check -------------------------------------------------------------------------
+
+
+def unauthorized(message: str) -> ApiError:
+    return ApiError(401, "Unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
+
+
+def bearer_token(authorization: bytes | str | None) -> str:
+    """The token of ``Authorization: Bearer <token>``; 401 when missing or malformed."""
+    if authorization is None or not authorization.strip():
+        raise unauthorized("missing client key: send Authorization: Bearer <key>")
+    if isinstance(authorization, bytes):
+        authorization = authorization.decode("latin-1")
+    match = _BEARER.match(authorization.strip())
+    if match is None:
+        raise unauthorized("malformed Authorization header: expected Bearer <key>")
+    return match.group(1)
+
+
+@attrs.define
+class _Cached:
+    key: ClientKey
+    fetched_at: float
+
+
+class KeyAuthenticator:
+    """Checks client keys against the database, through a short cache (see the module doc)."""
+
+    def __init__(self, database: Database, clock: IReactorTime) -> None:
+        self.database = database
+        self.clock = clock
+        self._known: OrderedDict[str, _Cached] = OrderedDict()
+        self._unknown: OrderedDict[str, float] = OrderedDict()  # hash -> when it expires
+        self._in_flight: dict[str, list[defer.Deferred[ClientKey | None]]] = {}
+
+    async def authenticate(self, authorization: bytes | str | None) -> ClientKey:
+        """The key of an ``Authorization`` header, or the 401 ``ApiError`` that refuses it."""
+        token = bearer_token(authorization)
+        if not _KEY_SHAPE.match(token):
+            raise unauthorized("invalid client key")
+        key_hash = hash_key(token)
+        key = await self._lookup(key_hash)
+        # The row was found by its hash; compare anyway, in constant time.
+        if key is None or not hmac.compare_digest(key.key_hash, key_hash):
+            raise unauthorized("invalid client key")
+        if key.revoked:
+            raise unauthorized(f"client key {key.id} has been revoked")
+        return key
+
+    async def _lookup(self, key_hash: str) -> ClientKey | None:
+        now = self.clock.seconds()
+        cached = self._known.get(key_hash)
+        if cached is not None:
+            age = now - cached.fetched_at
+            if age < FRESH_FOR:
+                return cached.key
+            if age < USABLE_FOR:
+                self._refresh_in_background(key_hash)
+                return cached.key
+            del self._known[key_hash]
+        expires = self._unknown.get(key_hash)
+        if expires is not None:
+            if now < expires:
+                return None
+            del self._unknown[key_hash]
+        return await self._fetch(key_hash)
+
+    def _refresh_in_background(self, key_hash: str) -> None:
+        if key_hash in self._in_flight:
+            return
+        # A failure is logged by _fetched; the cached row stays usable until USABLE_FOR.
+        self._fetch(key_hash).addErrback(lambda _: None)
+
+    def _fetch(self, key_hash: str) -> defer.Deferred[ClientKey | None]:
+        """Read one key from the database; concurrent reads of the same key share one query."""
+        waiter: defer.Deferred[ClientKey | None] = defer.Deferred()
+        waiters = self._in_flight.get(key_hash)
+        if waiters is not None:
+            waiters.append(waiter)
+            return waiter
+        self._in_flight[key_hash] = [waiter]
+        query = defer.ensureDeferred(self.database.run(key_by_hash, key_hash))
+        query.addBoth(self._fetched, key_hash)
+        return waiter
+
+    def _fetched(self, result: Any, key_hash: str) -> None:
+        waiters = self._in_flight.pop(key_hash, [])
+        if isinstance(result, ClientKey):
+            self._remember(self._known, key_hash, _Cached(result, self.clock.seconds()))
+            self._unknown.pop(key_hash, None)
+        elif result is None:
+            self._known.pop(key_hash, None)
+            self._remember(self._unknown, key_hash, self.clock.seconds() + UNKNOWN_FOR)
+        else:  # a Failure: the database is unavailable
+            log.failure("looking up a client key failed", result)
+            error = ApiError(
+                503, "Service Unavailable", "client keys cannot be checked right now; retry"
+            )
+            for waiter in waiters:
+                waiter.errback(error)
+            return
+        for waiter in waiters:
+            waiter.callback(result)
+
+    @staticmethod
+    def _remember(cache: OrderedDict[str, Any], key_hash: str, value: Any) -> None:
+        cache[key_hash] = value
+        cache.move_to_end(key_hash)
+        while len(cache) > MAX_CACHED:
+            cache.popitem(last=False)
+
+
+def open_authenticator(settings: Settings, reactor: Any, clock: IReactorTime) -> KeyAuthenticator:
+    """The authenticator of ``settings.database_url``: the database's threads run on
+    ``reactor``, the cache's time is ``clock``."""
+    return KeyAuthenticator(Database(settings.database_url, reactor), clock)
+
+
+# --- the admin key ------------------------------------------------------------------------------
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8")).digest()
+
+
+def admin_key_matches(candidate: str, settings: Settings) -> bool:
+    """Whether ``candidate`` is the admin key (constant time; False when none is set)."""
+    if not settings.admin_key:
+        return False
+    return hmac.compare_digest(_digest(candidate), _digest(settings.admin_key))
+
+
+def require_admin(request: IRequest, settings: Settings) -> None:
+    """Guard of the admin surfaces: ``Authorization: Bearer <MPCAPI_ADMIN_KEY>``.
+
+    403 when no admin key is configured (the surfaces are closed); 401 (with
+    ``WWW-Authenticate: Bearer``) when the header is missing, malformed or wrong.
+    """
+    if not settings.admin_key:
+        raise ApiError(
+            403, "Forbidden", "admin surfaces are closed: MPCAPI_ADMIN_KEY is not configured"
+        )
+    header = request.getHeader(b"authorization")
+    if header is None:
+        raise unauthorized("missing admin key: send Authorization: Bearer <admin key>")
+    token = bearer_token(header)
+    if not admin_key_matches(token, settings):
+        raise unauthorized("invalid admin key")

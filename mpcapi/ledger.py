@@ -1,0 +1,814 @@
+"""The usage ledger: one database row per finished request, its cost, and key budgets.
+
+- ``UsageLedger.observe`` is a request observer (see ``requestlog.RequestLogging``): it turns
+  a finished request's fields into a row and puts it on a bounded in-memory queue. Nothing
+  else happens on the request's path.
+- A flusher (every ``FLUSH_EVERY`` seconds, or at once when ``BATCH`` rows wait) inserts the
+  queued rows through ``Database`` (the adbapi thread). When the database is unreachable the
+  rows go to an append-only spool file (JSON lines, written in the thread pool) and are
+  replayed into the database once it answers again; the insert ignores a request id that is
+  already there, so a replay is idempotent. The outage is logged once, and once when it ends.
+  A full queue also sends rows to the spool file: memory stays bounded.
+- Cost: LiteLLM's (``x-litellm-response-cost``, or ``usage.cost`` in a stream's usage chunk)
+  when it gave one; otherwise tokens times the price table (``etc/prices.toml``; the daemon
+  ships a copy as ``mpcapi/data/prices.toml``, ``MPCAPI_PRICES`` overrides it); a model that
+  is not in the table costs 0 and is flagged ``unknown_model``. ``cost_source`` says which.
+- Budgets: ``check_budget`` refuses (429) a key whose spend (the sum of its ledger rows,
+  shared by every instance through the database, read at most every ``SPEND_FRESH_FOR``
+  seconds, plus the rows of this process not stored yet) has reached its ``budget_usd``.
+- ``usage_summary``: requests, errors, tokens and cost per model, user, key or day (for
+  ``GET /api/usage`` and ``mpcapi-admin usage``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from mpcapi.database import Cursor, Database
+from mpcapi.errors import ApiError, bad_request
+
+if TYPE_CHECKING:
+    from mpcapi.keys import ClientKey
+
+log = Logger(namespace="mpcapi.ledger")
+
+FLUSH_EVERY = 0.5  # seconds between flushes
+BATCH = 200  # rows per insert; a full batch is flushed at once
+MAX_QUEUE = 10_000  # rows waiting in memory; past it they go to the spool file
+REPLAY_BATCH = 500
+RETRY_EVERY = 2.0  # seconds between attempts to reach a database that is down
+SPEND_FRESH_FOR = 2.5  # a key's spend is read again after this long ...
+SPEND_USABLE_FOR = 5.0  # ... in the background, and served stale at most this long
+BUDGET_WARNING = 0.8  # share of a budget that logs a warning (once per key and process)
+MAX_BODY_CHARS = 65_536  # stored bodies are cut there
+
+COLUMNS = (
+    "request_id",
+    "created_at",
+    "key_id",
+    "user",
+    "client",
+    "method",
+    "route",
+    "model",
+    "status",
+    "upstream_status",
+    "latency_ms",
+    "upstream_ms",
+    "ttfb_ms",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+    "cost_source",
+    "cache",
+    "outcome",
+    "request_body",
+    "response_body",
+)
+
+
+def _quoted(column: str) -> str:
+    return '"user"' if column == "user" else column
+
+
+_INSERT = (
+    f"INSERT INTO usage ({', '.join(_quoted(c) for c in COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in COLUMNS)}) ON CONFLICT (request_id) DO NOTHING"
+)
+
+# --- prices -------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Price:
+    """USD per 1,000,000 tokens."""
+
+    input: float
+    output: float
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input + completion_tokens * self.output) / 1_000_000
+
+
+class PriceTable:
+    """Model name -> ``Price``; see etc/prices.toml for how names match."""
+
+    def __init__(self, prices: Mapping[str, Price]) -> None:
+        self.prices = dict(prices)
+        self._longest_first = sorted(self.prices, key=len, reverse=True)
+
+    @classmethod
+    def load(cls, path: str = "") -> PriceTable:
+        """The table of ``path``, or the one shipped with MPC-API; ``ValueError`` says what is
+        wrong with a file."""
+        try:
+            if path:
+                with open(path, "rb") as handle:
+                    document = tomllib.load(handle)
+            else:
+                text = resources.files("mpcapi").joinpath("data/prices.toml").read_text()
+                document = tomllib.loads(text)
+        except OSError as error:
+            raise ValueError(f"cannot read {path}: {error.strerror}") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"{path or 'prices.toml'} is not valid TOML: {error}") from None
+        models = document.get("models")
+        if not isinstance(models, dict):
+            raise ValueError("the price table needs a [models] table")
+        prices = {}
+        for name, entry in models.items():
+            try:
+                price = Price(float(entry["input"]), float(entry["output"]))
+            except (TypeError, KeyError, ValueError):
+                raise ValueError(f"model {name!r} needs numbers input and output") from None
+            if price.input < 0 or price.output < 0:
+                raise ValueError(f"model {name!r} has a negative price")
+            prices[name] = price
+        return cls(prices)
+
+    def lookup(self, model: str | None) -> Price | None:
+        if not model:
+            return None
+        for name in (model, model.rsplit("/", 1)[-1]):
+            if name in self.prices:
+                return self.prices[name]
+            for known in self._longest_first:
+                if name.startswith(known + "-"):
+                    return self.prices[known]
+        return None
+
+
+def cost_of(fields: Mapping[str, Any], prices: PriceTable) -> tuple[float, str, int, int]:
+    """A finished request's cost in USD, how it was obtained, and its prompt and completion
+    tokens. Sources: ``litellm``, ``price_table``, ``unknown_model`` (cost 0), ``cache`` (a
+    cache hit costs nothing), ``none`` (no usage: errors, refusals, models lists), and for a
+    stream that ended before its usage chunk ``deltas_price_table`` /
+    ``deltas_unknown_model`` (completion tokens = text chunks received)."""
+    prompt = int(fields.get("prompt_tokens") or 0)
+    completion = int(fields.get("completion_tokens") or 0)
+    if fields.get("cache") == "hit":
+        return 0.0, "cache", prompt, completion
+    has_usage = "prompt_tokens" in fields
+    if has_usage and fields.get("cost_usd") is not None:
+        return float(fields["cost_usd"]), "litellm", prompt, completion
+    prefix = ""
+    if not has_usage:
+        deltas = int(fields.get("content_deltas") or 0)
+        if not deltas:
+            return 0.0, "none", 0, 0
+        prefix, completion = "deltas_", deltas
+    price = prices.lookup(fields.get("model"))
+    if price is None:
+        return 0.0, prefix + "unknown_model", prompt, completion
+    return price.cost(prompt, completion), prefix + "price_table", prompt, completion
+
+
+# --- bodies -------------------------------------------------------------------------------------
+
+_SECRET_NAME = re.compile(
+    r"^(x-)?(api[_-]?key|apikey|authorization|password|passwd|secret|client[_-]?secret|"
+    r"access[_-]?token|refresh[_-]?token|id[_-]?token|auth[_-]?token|bearer|private[_-]?key)$",
+    re.IGNORECASE,
+)
+_SECRET_TEXT = re.compile(r"\b(sk-[A-Za-z0-9_-]{8,}|Bearer\s+\S+)", re.IGNORECASE)
+REDACTED = "[redacted]"
+
+
+def redact(value: Any) -> Any:
+    """A JSON value with credential-like fields and key-like strings replaced."""
+    if isinstance(value, dict):
+        return {
+            name: REDACTED if _SECRET_NAME.match(str(name)) else redact(item)
+            for name, item in value.items()
+        }
+    if isinstance(value, list):
+        return [redact(item) for item in value]
+    if isinstance(value, str):
+        return _SECRET_TEXT.sub(REDACTED, value)
+    return value
+
+
+def stored_body(raw: bytes | None) -> str | None:
+    """A body as stored: JSON re-serialised with credentials redacted, else redacted text;
+    cut at ``MAX_BODY_CHARS``."""
+    if raw is None:
+        return None
+    try:
+        text = json.dumps(redact(json.loads(raw)), separators=(",", ":"))
+    except ValueError:
+        text = _SECRET_TEXT.sub(REDACTED, raw.decode("utf-8", "replace"))
+    if len(text) > MAX_BODY_CHARS:
+        text = text[:MAX_BODY_CHARS] + "…[truncated]"
+    return text
+
+
+# --- time ---------------------------------------------------------------------------------------
+
+
+def stamp(seconds: float) -> str:
+    """Stored time: ISO-8601 UTC with milliseconds and a Z (sorts as text)."""
+    moment = datetime.fromtimestamp(seconds, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_moment(text: str, name: str, end_of_day: bool = False) -> str:
+    """A query's time bound as stored text: ISO-8601 (a date, or a date and time with an
+    offset or Z; naive is UTC). A date alone as an upper bound means the end of that day.
+    ``ValueError`` names the parameter."""
+    raw = text.strip()
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", raw):
+            moment = datetime.fromisoformat(raw).replace(tzinfo=UTC)
+            if end_of_day:
+                moment += timedelta(days=1)
+        else:
+            moment = datetime.fromisoformat(raw.replace("z", "Z"))
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=UTC)
+    except ValueError:
+        raise ValueError(
+            f"{name}: {text!r} is not an ISO-8601 date or time (2026-11-27, 2026-11-27T10:00:00Z)"
+        ) from None
+    return stamp(moment.timestamp())
+
+
+# --- the SQL (functions of a database.Cursor) ---------------------------------------------------
+
+
+_DEFAULTS = {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "cost_source": "none"}
+
+
+def insert_rows(cursor: Cursor, rows: Sequence[Mapping[str, Any]]) -> int:
+    """Insert rows, skipping request ids already stored; return how many were new."""
+    added = 0
+    for row in rows:
+        values = [row.get(column) for column in COLUMNS]
+        cursor.execute(
+            _INSERT,
+            [_DEFAULTS.get(c, v) if v is None else v for c, v in zip(COLUMNS, values, strict=True)],
+        )
+        added += max(cursor.rowcount, 0)
+    return added
+
+
+def spend_of_key(cursor: Cursor, key_id: str) -> float:
+    row = cursor.execute(
+        "SELECT COALESCE(SUM(cost_usd), 0) FROM usage WHERE key_id = ?", (key_id,)
+    ).fetchone()
+    return float(row[0]) if row is not None else 0.0
+
+
+GROUPS = {
+    "model": "model",
+    "user": '"user"',
+    "key": "key_id",
+    "day": "SUBSTR(created_at, 1, 10)",
+}
+
+
+def usage_summary(
+    cursor: Cursor, group_by: str, since: str | None = None, until: str | None = None
+) -> list[dict[str, Any]]:
+    """Requests, errors (status 400 and up), tokens and cost per group, between ``since``
+    (inclusive) and ``until`` (exclusive), stored-time text."""
+    expression = GROUPS[group_by]
+    where, params = [], []
+    if since:
+        where.append("created_at >= ?")
+        params.append(since)
+    if until:
+        where.append("created_at < ?")
+        params.append(until)
+    clause = f"WHERE {' AND '.join(where)}" if where else ""
+    rows = cursor.execute(
+        f"SELECT {expression}, COUNT(*), "
+        "COALESCE(SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END), 0), "
+        "COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
+        f"COALESCE(SUM(cost_usd), 0) FROM usage {clause} GROUP BY {expression}",
+        params,
+    ).fetchall()
+    groups = [
+        {
+            "group": row[0],
+            "requests": int(row[1]),
+            "errors": int(row[2]),
+            "prompt_tokens": int(row[3]),
+            "completion_tokens": int(row[4]),
+            "cost_usd": round(float(row[5]), 10),
+        }
+        for row in rows
+    ]
+    return sorted(groups, key=lambda g: (g["group"] is None, str(g["group"] or "")))
+
+
+def summary_document(
+    groups: list[dict[str, Any]], group_by: str, since: str | None, until: str | None
+) -> dict[str, Any]:
+    totals = {
+        name: sum(group[name] for group in groups)
+        for name in ("requests", "errors", "prompt_tokens", "completion_tokens")
+    }
+    totals["cost_usd"] = round(sum(group["cost_usd"] for group in groups), 10)
+    return {"group_by": group_by, "from": since, "to": until, "groups": groups, "totals": totals}
+
+
+def usage_table(document: Mapping[str, Any]) -> str:
+    """A summary as a text table (``mpcapi-admin usage``), with a total line."""
+    header = (document["group_by"], "requests", "errors", "prompt", "completion", "cost_usd")
+    lines = [
+        (
+            "-" if group["group"] is None else str(group["group"]),
+            str(group["requests"]),
+            str(group["errors"]),
+            str(group["prompt_tokens"]),
+            str(group["completion_tokens"]),
+            f"{group['cost_usd']:.6f}",
+        )
+        for group in document["groups"]
+    ]
+    totals = document["totals"]
+    lines.append(
+        (
+            "TOTAL",
+            str(totals["requests"]),
+            str(totals["errors"]),
+            str(totals["prompt_tokens"]),
+            str(totals["completion_tokens"]),
+            f"{totals['cost_usd']:.6f}",
+        )
+    )
+    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        first = row[0].ljust(widths[0])
+        return "  ".join(
+            [first, *(cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True))]
+        )
+
+    return "\n".join(line(row) for row in [header, *lines]) + "\n"
+
+
+def summary_query(arguments: Mapping[str, str | None]) -> tuple[str, str | None, str | None]:
+    """``group_by``, ``from`` and ``to`` of a usage query, checked; ``ValueError`` otherwise."""
+    group_by = (arguments.get("group_by") or "model").strip()
+    if group_by not in GROUPS:
+        raise ValueError(f"group_by: {group_by!r} is not one of: {', '.join(GROUPS)}")
+    since_text, until_text = arguments.get("from"), arguments.get("to")
+    since = parse_moment(since_text, "from") if since_text else None
+    until = parse_moment(until_text, "to", end_of_day=True) if until_text else None
+    if since and until and since >= until:
+        raise ValueError("from must be earlier than to")
+    return group_by, since, until
+
+
+def request_arguments(request: Any) -> dict[str, str | None]:
+    """The query parameters of ``GET /api/usage`` (the last of each); 400 on bad bytes."""
+    arguments: dict[str, str | None] = {}
+    for name, values in (request.args or {}).items():
+        try:
+            arguments[name.decode("utf-8")] = values[-1].decode("utf-8") if values else None
+        except UnicodeDecodeError:
+            raise bad_request("query parameters must be UTF-8") from None
+    return arguments
+
+
+def asks_for_usage(document: Mapping[str, Any]) -> bool:
+    """Whether a stream request asks for the usage chunk itself."""
+    options = document.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def with_usage_requested(document: Mapping[str, Any]) -> bytes:
+    """The request body re-serialised with ``stream_options.include_usage`` set."""
+    options = document.get("stream_options")
+    options = dict(options) if isinstance(options, dict) else {}
+    options["include_usage"] = True
+    return json.dumps({**document, "stream_options": options}).encode("utf-8")
+
+
+# --- the spool file -----------------------------------------------------------------------------
+
+
+def append_lines(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Append rows as JSON lines and make them durable (runs in a thread)."""
+    data = "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_lines(path: str) -> list[dict[str, Any]]:
+    """The rows of a spool file (a torn last line is skipped); runs in a thread."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and row.get("request_id"):
+                    rows.append(row)
+    except FileNotFoundError:
+        pass
+    return rows
+
+
+def remove_file(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+# --- the ledger ---------------------------------------------------------------------------------
+
+InThread = Callable[..., "defer.Deferred[Any]"]
+
+
+@attrs.define
+class _Spend:
+    value: float
+    fetched_at: float
+    flushed_marker: float
+
+
+class UsageLedger(Service):
+    """Rows in, batches out; see the module doc. A twistd service: it flushes while running
+    and, when stopping, waits for the requests in flight (``idle``) and stores what is left."""
+
+    def __init__(
+        self,
+        database: Database,
+        clock: IReactorTime,
+        prices: PriceTable,
+        spool_path: str,
+        in_thread: InThread,
+        *,
+        log_bodies: bool = False,
+        max_queue: int = MAX_QUEUE,
+        batch: int = BATCH,
+        idle: Callable[[], bool] | None = None,
+        stop_wait: float = 30.0,
+    ) -> None:
+        self.database = database
+        self.clock = clock
+        self.prices = prices
+        self.spool_path = spool_path
+        self._in_thread = in_thread
+        self.log_bodies = log_bodies
+        self.max_queue = max_queue
+        self.batch = batch
+        self.idle = idle
+        self._stop_wait = stop_wait
+        self.queue: list[dict[str, Any]] = []
+        self.database_up = True
+        self.dropped = 0  # rows lost because neither the database nor the spool file took them
+        self._bodies: dict[str, tuple[bytes | None, bytes | None]] = {}
+        self._flushing = False
+        self._loop: task.LoopingCall | None = None
+        self._last_attempt = -RETRY_EVERY
+        # The spool file: one writer or reader at a time, rows waiting to be written.
+        self._spool_lock = defer.DeferredLock()
+        self._to_spool: list[dict[str, Any]] = []
+        self._spool_writing = False
+        self.spooled = os.path.exists(spool_path)  # rows of an earlier run wait there
+        self._spool_failed = False
+        # Budgets: this process's rows not in the database yet, per key, and the spend read.
+        self._unstored: dict[str, tuple[str, float]] = {}  # request id -> (key id, cost)
+        self._unstored_by_key: dict[str, float] = {}
+        self._stored_since: dict[str, float] = {}  # stored by us since the first read
+        self._spend: dict[str, _Spend] = {}
+        self._reading: dict[str, list[defer.Deferred[float]]] = {}
+        self._warned: set[str] = set()
+
+    # The request side
+
+    def note_bodies(self, request_id: str, request: bytes | None, response: bytes | None) -> None:
+        """Keep a request's bodies for its row (only with ``MPCAPI_LOG_BODIES``)."""
+        if self.log_bodies:
+            previous = self._bodies.get(request_id, (None, None))
+            self._bodies[request_id] = (
+                request if request is not None else previous[0],
+                response if response is not None else previous[1],
+            )
+
+    def observe(self, fields: Mapping[str, Any]) -> None:
+        """Request observer: queue the finished request's row (or spool it if the queue is
+        full)."""
+        row = self.row_of(fields)
+        key_id = row["key_id"]
+        if key_id and row["cost_usd"]:
+            self._unstored[row["request_id"]] = (key_id, row["cost_usd"])
+            self._unstored_by_key[key_id] = self._unstored_by_key.get(key_id, 0.0) + row["cost_usd"]
+        if len(self.queue) >= self.max_queue:
+            self._spool([row])
+            return
+        self.queue.append(row)
+        if len(self.queue) >= self.batch and not self._flushing:
+            self.flush()
+
+    def row_of(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+        cost, source, prompt, completion = cost_of(fields, self.prices)
+        request_id = str(fields.get("request_id"))
+        request_body, response_body = self._bodies.pop(request_id, (None, None))
+        duration = fields.get("duration_ms") or 0.0
+        return {
+            "request_id": request_id,
+            "created_at": stamp(self.clock.seconds() - duration / 1000),
+            "key_id": fields.get("key_id"),
+            "user": fields.get("user"),
+            "client": fields.get("client"),
+            "method": fields.get("method"),
+            "route": fields.get("route") or fields.get("path"),
+            "model": fields.get("model"),
+            "status": fields.get("status"),
+            "upstream_status": fields.get("upstream_status"),
+            "latency_ms": duration,
+            "upstream_ms": fields.get("upstream_ms"),
+            "ttfb_ms": fields.get("ttfb_ms"),
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "cost_usd": cost,
+            "cost_source": source,
+            "cache": fields.get("cache"),
+            "outcome": fields.get("outcome"),
+            "request_body": stored_body(request_body) if self.log_bodies else None,
+            "response_body": stored_body(response_body) if self.log_bodies else None,
+        }
+
+    # Budgets
+
+    async def check_budget(self, key: ClientKey | None) -> None:
+        """Refuse (429) a key whose spend has reached its budget; warn once at 80 %."""
+        if key is None or key.budget_usd is None:
+            return
+        spend = await self.spend(key.id)
+        budget = key.budget_usd
+        if spend >= budget:
+            raise ApiError(
+                429,
+                "Too Many Requests",
+                f"the budget of client key {key.id} is spent: ${spend:.6f} of ${budget:g} used",
+            )
+        if spend >= BUDGET_WARNING * budget and key.id not in self._warned:
+            self._warned.add(key.id)
+            log.warn(
+                "client key {key_id} (user {user}) has spent {spend:.6f} of its budget of "
+                "{budget} USD",
+                key_id=key.id,
+                user=key.user,
+                spend=spend,
+                budget=budget,
+            )
+
+    async def spend(self, key_id: str) -> float:
+        """The key's spend: the database's sum (read at most every ``SPEND_FRESH_FOR``
+        seconds; stale reads refresh in the background) plus this process's rows not in it."""
+        now = self.clock.seconds()
+        known = self._spend.get(key_id)
+        if known is None or now - known.fetched_at >= SPEND_USABLE_FOR:
+            await self._read_spend(key_id)
+        elif now - known.fetched_at >= SPEND_FRESH_FOR and key_id not in self._reading:
+            self._read_spend(key_id).addErrback(lambda _: None)
+        return self._local_spend(key_id)
+
+    def _local_spend(self, key_id: str) -> float:
+        known = self._spend.get(key_id)
+        stored = known.value if known is not None else 0.0
+        since = self._stored_since.get(key_id, 0.0) - (known.flushed_marker if known else 0.0)
+        return stored + since + self._unstored_by_key.get(key_id, 0.0)
+
+    def _read_spend(self, key_id: str) -> defer.Deferred[float]:
+        waiter: defer.Deferred[float] = defer.Deferred()
+        if key_id in self._reading:
+            self._reading[key_id].append(waiter)
+            return waiter
+        self._reading[key_id] = [waiter]
+        marker = self._stored_since.get(key_id, 0.0)
+        query = defer.ensureDeferred(self.database.run(spend_of_key, key_id))
+        query.addBoth(self._spend_read, key_id, marker)
+        return waiter
+
+    def _spend_read(self, result: Any, key_id: str, marker: float) -> None:
+        waiters = self._reading.pop(key_id, [])
+        if isinstance(result, float):
+            self._spend[key_id] = _Spend(result, self.clock.seconds(), marker)
+        else:  # the database is down: keep what we knew (requests are not refused for it)
+            self._database_down(result.value)
+            known = self._spend.get(key_id)
+            if known is not None:
+                known.fetched_at = self.clock.seconds() - SPEND_FRESH_FOR
+        for waiter in waiters:
+            waiter.callback(self._local_spend(key_id))
+
+    def _stored(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        for row in rows:
+            entry = self._unstored.pop(row["request_id"], None)
+            if entry is None:
+                continue
+            key_id, cost = entry
+            self._unstored_by_key[key_id] = self._unstored_by_key.get(key_id, 0.0) - cost
+            if self._unstored_by_key[key_id] <= 1e-12:
+                del self._unstored_by_key[key_id]
+            self._stored_since[key_id] = self._stored_since.get(key_id, 0.0) + cost
+
+    # Flushing
+
+    def flush(self) -> defer.Deferred[None]:
+        """Store what is queued (and replay the spool file when the database answers)."""
+        return defer.ensureDeferred(self._flush())
+
+    async def _flush(self) -> None:
+        if self._flushing:
+            return
+        self._flushing = True
+        try:
+            while self.queue:
+                if not self.database_up and not self._may_retry():
+                    rows, self.queue = self.queue, []
+                    self._spool(rows)  # while it is down, between two attempts
+                    break
+                batch, self.queue = self.queue[: self.batch], self.queue[self.batch :]
+                if not await self._insert(batch):
+                    rest, self.queue = self.queue, []
+                    self._spool(batch + rest)
+                    break
+            if self.spooled and (self.database_up or self._may_retry()):
+                await self._replay()
+        finally:
+            self._flushing = False
+
+    def _may_retry(self) -> bool:
+        return self.clock.seconds() - self._last_attempt >= RETRY_EVERY
+
+    async def _insert(self, rows: list[dict[str, Any]]) -> bool:
+        self._last_attempt = self.clock.seconds()
+        try:
+            await self.database.run(insert_rows, rows)
+        except Exception as error:
+            self._database_down(error)
+            return False
+        self._database_back()
+        self._stored(rows)
+        return True
+
+    def _database_down(self, error: BaseException) -> None:
+        self._last_attempt = self.clock.seconds()
+        if self.database_up:
+            self.database_up = False
+            log.error(
+                "usage database unreachable ({error}); usage rows go to {spool} until it is back",
+                error=" ".join(str(error).split()) or type(error).__name__,
+                spool=self.spool_path,
+            )
+
+    def _database_back(self) -> None:
+        if not self.database_up:
+            self.database_up = True
+            log.info("usage database is back; replaying {spool}", spool=self.spool_path)
+
+    # The spool file
+
+    def _spool(self, rows: list[dict[str, Any]]) -> None:
+        self._to_spool.extend(rows)
+        if not self._spool_writing:
+            self._spool_writing = True
+            defer.ensureDeferred(self._write_spool())
+
+    async def _write_spool(self) -> None:
+        try:
+            while self._to_spool:
+                rows, self._to_spool = self._to_spool, []
+                await self._spool_lock.acquire()
+                try:
+                    await self._in_thread(append_lines, self.spool_path, rows)
+                    self.spooled = True
+                    self._spool_failed = False
+                except Exception as error:
+                    self.dropped += len(rows)
+                    if not self._spool_failed:
+                        self._spool_failed = True
+                        log.error(
+                            "cannot write usage rows to {spool} ({error}); they are lost",
+                            spool=self.spool_path,
+                            error=error,
+                        )
+                finally:
+                    self._spool_lock.release()
+        finally:
+            self._spool_writing = False
+
+    async def _replay(self) -> None:
+        """Insert the spool file's rows (an id already stored is skipped), then remove it."""
+        await self._spool_lock.acquire()
+        try:
+            rows = await self._in_thread(read_lines, self.spool_path)
+            for start in range(0, len(rows), REPLAY_BATCH):
+                if not await self._insert(rows[start : start + REPLAY_BATCH]):
+                    return
+            await self._in_thread(remove_file, self.spool_path)
+            self.spooled = False
+            if rows:
+                log.info(
+                    "replayed {count} usage rows from {spool}",
+                    count=len(rows),
+                    spool=self.spool_path,
+                )
+        except Exception as error:
+            log.error("replaying {spool} failed: {error}", spool=self.spool_path, error=error)
+        finally:
+            self._spool_lock.release()
+
+    # Reading
+
+    async def report(self, arguments: Mapping[str, str | None]) -> dict[str, Any]:
+        """``GET /api/usage``: the summary of ``arguments`` (400 when they are bad), with this
+        process's queued rows stored first."""
+        try:
+            group_by, since, until = summary_query(arguments)
+        except ValueError as error:
+            raise bad_request(str(error)) from None
+        if self.queue and self.database_up:
+            await self.flush()
+        try:
+            groups = await self.database.run(usage_summary, group_by, since, until)
+        except Exception as error:
+            self._database_down(error)
+            raise ApiError(
+                503, "Service Unavailable", "the usage database is unreachable; retry"
+            ) from None
+        return summary_document(groups, group_by, since, until)
+
+    # The service
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = task.LoopingCall(self._tick)
+        self._loop.clock = self.clock
+        self._loop.start(FLUSH_EVERY, now=False).addErrback(
+            lambda failure: log.failure("the usage flusher stopped", failure)
+        )
+
+    def _tick(self) -> None:
+        if self.queue or self.spooled:
+            self.flush()
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return defer.ensureDeferred(self._close())
+
+    async def _close(self) -> None:
+        deadline = self.clock.seconds() + self._stop_wait
+        while self.idle is not None and not self.idle() and self.clock.seconds() < deadline:
+            await task.deferLater(self.clock, 0.1, lambda: None)
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        while self._flushing:
+            await task.deferLater(self.clock, 0.05, lambda: None)
+        self._last_attempt = -RETRY_EVERY  # one last try, even if the database was down
+        await self.flush()
+        while self._to_spool or self._spool_writing:
+            await task.deferLater(self.clock, 0.05, lambda: None)
+        if self.dropped:
+            log.error("{count} usage rows could not be stored", count=self.dropped)
+
+
+def open_ledger(
+    settings: Any,
+    reactor: Any,
+    database: Database | None = None,
+    worker: str | None = None,
+    idle: Callable[[], bool] | None = None,
+) -> UsageLedger:
+    """The daemon's ledger: its database (shared with client keys when given), the price
+    table, a spool file per worker, writes in the reactor's thread pool."""
+    from twisted.internet import threads
+
+    def in_thread(fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args)
+
+    spool = settings.usage_spool + (f".{worker}" if worker else "")
+    return UsageLedger(
+        database or Database(settings.database_url, reactor),
+        reactor,
+        PriceTable.load(settings.prices),
+        spool,
+        in_thread,
+        log_bodies=settings.log_bodies,
+        idle=idle,
+        stop_wait=settings.drain_seconds + 1,
+    )

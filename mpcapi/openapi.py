@@ -1,0 +1,635 @@
+"""The OpenAPI 3.1 document served at ``GET /openapi.json``.
+
+Built once at start from the routes the Klein app really has (its ``url_map``) and from the
+same JSON Schemas the validator compiles (``validation.load_schema``), so the document cannot
+drift from what the daemon accepts. Each known route (by endpoint name) has a hand-written
+description below; a route added later without one still appears, with the generic errors.
+
+Security follows the configuration: with ``MPCAPI_AUTH=keys`` the OpenAI routes need a client
+key (``clientKey``); the admin surfaces always need ``MPCAPI_ADMIN_KEY`` (``adminKey``), except
+``/metrics`` with ``MPCAPI_METRICS_PUBLIC``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from mpcapi import __version__
+from mpcapi.dashboard import load_assets
+from mpcapi.settings import Settings
+from mpcapi.validation import load_schema
+
+OPENAPI_VERSION = "3.1.0"
+
+# Request body schema (a file of mpcapi/schemas) of each validated route, by endpoint name.
+BODY_SCHEMAS = {
+    "chat_completions": "chat_completions",
+    "completions": "completions",
+    "embeddings": "embeddings",
+}
+# The component names of each validated route's request body and answer.
+_BODY_COMPONENTS = {
+    "chat_completions": ("ChatCompletionRequest", "ChatCompletionResponse"),
+    "completions": ("CompletionRequest", "CompletionResponse"),
+    "embeddings": ("EmbeddingRequest", "EmbeddingResponse"),
+}
+
+# LiteLLM's own errors for the client's request pass through with their status and body.
+PASSTHROUGH_STATUSES = ("400", "404", "409", "413", "422", "429")
+# What any request can meet: too slow to arrive (408), a bug (500), too many connections (503).
+COMMON_ERRORS = ("408", "500", "503")
+
+_REASONS = {
+    "400": "Invalid JSON, not a JSON object, or a schema violation (`details` lists each field)",
+    "401": "Missing, malformed or unknown key (`WWW-Authenticate: Bearer`)",
+    "403": "The surface is closed (no `MPCAPI_ADMIN_KEY` configured) or the key is refused",
+    "404": "Unknown route or file",
+    "405": "Wrong method for the route (`Allow` lists the right ones)",
+    "408": "The request's headers and body did not arrive within `MPCAPI_READ_TIMEOUT`",
+    "409": "Conflict reported by LiteLLM",
+    "413": "Request body over `MPCAPI_MAX_BODY_BYTES`",
+    "422": "LiteLLM could not process the request",
+    "426": "Plain HTTP request on the WebSocket route",
+    "429": "Rate limited (by MPC-API's limits or by LiteLLM); see `Retry-After`",
+    "500": "A bug in MPC-API: a generic message, never a traceback",
+    "502": "LiteLLM unreachable, answering 5xx, or refusing `LITELLM_API_KEY`",
+    "503": "Too many open connections (`MPCAPI_MAX_CONNECTIONS`); see `Retry-After`",
+    "504": "LiteLLM sent no response headers (or no data) within `LITELLM_TIMEOUT`",
+}
+
+_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "An error MPC-API produces itself.",
+    "required": ["error", "message", "request_id"],
+    "properties": {
+        "error": {"type": "string", "description": "The status's reason phrase"},
+        "message": {"type": "string", "description": "What went wrong"},
+        "request_id": {"type": "string", "description": "The request's `x-request-id`"},
+        "details": {
+            "type": "array",
+            "description": "Validation errors, one per offending field",
+            "items": {
+                "type": "object",
+                "required": ["field", "message"],
+                "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+            },
+        },
+    },
+}
+
+_UPSTREAM_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "An error LiteLLM returned for the client's own request, relayed as it is.",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": ["string", "null"]},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "integer", "null"]},
+            },
+        }
+    },
+}
+
+_HEALTH_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["status", "service", "timestamp", "litellm_url", "version"],
+    "properties": {
+        "status": {"const": "ok"},
+        "service": {"const": "mpc-api"},
+        "timestamp": {"type": "string", "description": "ISO-8601 UTC with milliseconds and Z"},
+        "litellm_url": {"type": "string"},
+        "version": {"type": "string"},
+    },
+}
+
+_READY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["status", "service", "litellm"],
+    "properties": {
+        "status": {"enum": ["ready", "unavailable"]},
+        "service": {"const": "mpc-api"},
+        "litellm": {
+            "type": "object",
+            "required": ["url", "latency_ms"],
+            "properties": {
+                "url": {"type": "string"},
+                "status": {"type": "integer"},
+                "error": {"type": "string"},
+                "latency_ms": {"type": "number"},
+            },
+        },
+    },
+}
+
+_MODELS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "LiteLLM's model list, as LiteLLM sends it.",
+    "properties": {
+        "object": {"type": "string"},
+        "data": {
+            "type": "array",
+            "items": {"type": "object", "properties": {"id": {"type": "string"}}},
+        },
+    },
+}
+
+_ANSWER_SCHEMAS: dict[str, dict[str, Any]] = {
+    "chat_completions": {
+        "type": "object",
+        "description": "LiteLLM's chat completion, unchanged.",
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"type": "string"},
+            "model": {"type": "string"},
+            "choices": {"type": "array", "items": {"type": "object"}},
+            "usage": {"type": ["object", "null"]},
+        },
+    },
+    "completions": {
+        "type": "object",
+        "description": "LiteLLM's text completion, unchanged.",
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"type": "string"},
+            "choices": {"type": "array", "items": {"type": "object"}},
+            "usage": {"type": ["object", "null"]},
+        },
+    },
+    "embeddings": {
+        "type": "object",
+        "description": "LiteLLM's embeddings, unchanged.",
+        "properties": {
+            "object": {"type": "string"},
+            "data": {"type": "array", "items": {"type": "object"}},
+            "model": {"type": ["string", "null"]},
+            "usage": {"type": ["object", "null"]},
+        },
+    },
+}
+
+_ANY_OBJECT: dict[str, Any] = {"type": "object"}
+
+
+def _ref(kind: str, name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def _json_content(schema: Mapping[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": dict(schema)}}
+
+
+def _header(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "header", "required": True, "schema": schema}
+
+
+def _success(description: str, content: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "headers": {"x-request-id": _ref("headers", "RequestId")},
+    }
+    if content is not None:
+        response["content"] = dict(content)
+    return response
+
+
+def body_schema(name: str) -> dict[str, Any]:
+    """The validator's schema ``name`` as an OpenAPI 3.1 schema component (the same JSON
+    Schema 2020-12, without ``$schema`` and ``$id``, which belong to a standalone file)."""
+    schema = load_schema(name)
+    return {key: value for key, value in schema.items() if key not in ("$schema", "$id")}
+
+
+# --- the operations of the known routes, by endpoint name -----------------------------------
+
+
+def _operation(
+    summary: str,
+    description: str,
+    responses: dict[str, Any],
+    errors: Iterable[str],
+    *,
+    tags: list[str],
+    security: list[dict[str, list[str]]] | None = None,
+    request_body: dict[str, Any] | None = None,
+    parameters: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "description": description,
+        "tags": tags,
+        "parameters": [_ref("parameters", "RequestId"), *(parameters or [])],
+        "responses": dict(
+            sorted(
+                {
+                    **{
+                        status: _ref("responses", f"Error{status}")
+                        for status in (*errors, *COMMON_ERRORS)
+                    },
+                    **responses,
+                }.items()
+            )
+        ),
+    }
+    if request_body is not None:
+        operation["requestBody"] = request_body
+    if security is not None:
+        operation["security"] = security
+    return operation
+
+
+class _Describer:
+    """Writes the operation of one route (endpoint name, method) for ``settings``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.keys = settings.auth == "keys"
+        self.metrics_public = settings.metrics_public
+
+    def _client_security(self) -> list[dict[str, list[str]]] | None:
+        return [{"clientKey": []}] if self.keys else None
+
+    def _client_errors(self) -> list[str]:
+        return ["401"] if self.keys else []
+
+    def describe(self, endpoint: str, path: str, method: str) -> dict[str, Any]:
+        method_of = getattr(self, f"_{endpoint}", None)
+        if method_of is not None:
+            operation: dict[str, Any] = method_of(path)
+        else:
+            operation = _operation(
+                f"{method} {path}",
+                "A route of MPC-API (see README.md).",
+                {"200": _success("Success")},
+                [],
+                tags=["other"],
+            )
+        operation["operationId"] = _operation_id(method, path)
+        return operation
+
+    # Health
+
+    def _health(self, path: str) -> dict[str, Any]:
+        return _operation(
+            "Liveness",
+            "MPC-API is up; never touches LiteLLM.",
+            {"200": _success("Alive", _json_content(_ref("schemas", "Health")))},
+            [],
+            tags=["health"],
+        )
+
+    def _ready(self, path: str) -> dict[str, Any]:
+        return _operation(
+            "Readiness",
+            "200 when LiteLLM answers its liveness probe within `MPCAPI_READY_TIMEOUT`, "
+            "else 503 with what failed (for orchestrators).",
+            {
+                "200": _success("Ready", _json_content(_ref("schemas", "Ready"))),
+                "503": _success(
+                    "Not ready (or, as everywhere, too many open connections)",
+                    _json_content({"anyOf": [_ref("schemas", "Ready"), _ref("schemas", "Error")]}),
+                ),
+            },
+            [],
+            tags=["health"],
+        )
+
+    def _openapi_document(self, path: str) -> dict[str, Any]:
+        return _operation(
+            "This document",
+            "The OpenAPI 3.1 description of MPC-API, built at start.",
+            {"200": _success("The document", _json_content(_ANY_OBJECT))},
+            [],
+            tags=["health"],
+        )
+
+    # OpenAI routes
+
+    def _openai_errors(self) -> list[str]:
+        return sorted({*self._client_errors(), *PASSTHROUGH_STATUSES, "502", "504"})
+
+    def _models(self, path: str) -> dict[str, Any]:
+        return _operation(
+            "List models",
+            "LiteLLM's `GET /models`, body as LiteLLM sends it.",
+            {"200": _success("The models", _json_content(_ref("schemas", "ModelList")))},
+            self._openai_errors(),
+            tags=["openai"],
+            security=self._client_security(),
+        )
+
+    def _post(self, endpoint: str, summary: str, streams: bool) -> dict[str, Any]:
+        request_component, answer_component = _BODY_COMPONENTS[endpoint]
+        content: dict[str, Any] = _json_content(_ref("schemas", answer_component))
+        description = (
+            f"Validated against `mpcapi/schemas/{BODY_SCHEMAS[endpoint]}.json` (strict where "
+            "the OpenAI API is strict; unknown fields pass through), then LiteLLM's answer, "
+            "unchanged. LiteLLM's own errors for the request (400, 404, 409, 413, 422, 429) "
+            "pass through with their status, body and `Retry-After` / `x-ratelimit-*` headers."
+        )
+        if streams:
+            content["text/event-stream"] = {
+                "schema": {"type": "string", "description": "Server-sent events, `data: …`"}
+            }
+            description += (
+                ' With `"stream": true` the answer is `text/event-stream`, relayed event by '
+                'event; an error after the first event is one `data: {"error": …}` event.'
+            )
+        return _operation(
+            summary,
+            description,
+            {"200": _success("LiteLLM's answer", content)},
+            self._openai_errors(),
+            tags=["openai"],
+            security=self._client_security(),
+            request_body={
+                "required": True,
+                "content": _json_content(_ref("schemas", request_component)),
+            },
+        )
+
+    def _chat_completions(self, path: str) -> dict[str, Any]:
+        return self._post("chat_completions", "Chat completion", streams=True)
+
+    def _completions(self, path: str) -> dict[str, Any]:
+        return self._post("completions", "Text completion", streams=True)
+
+    def _embeddings(self, path: str) -> dict[str, Any]:
+        return self._post("embeddings", "Embeddings", streams=False)
+
+    def _websocket(self, path: str) -> dict[str, Any]:
+        return _operation(
+            "WebSocket",
+            "Upgrades to a WebSocket carrying several streamed requests (docs/websocket.md); "
+            "a plain HTTP request is answered 426.",
+            {"101": _success("Switching to the WebSocket protocol")},
+            sorted({*self._client_errors(), "426", "429"}),
+            tags=["openai"],
+            security=self._client_security(),
+            parameters=[
+                _header("Upgrade", {"const": "websocket"}),
+                _header("Connection", {"const": "Upgrade"}),
+                _header("Sec-WebSocket-Key", {"type": "string", "minLength": 1}),
+                _header("Sec-WebSocket-Version", {"const": "13"}),
+            ],
+        )
+
+    # Admin surfaces
+
+    def _admin(
+        self, summary: str, description: str, responses: dict[str, Any], public: bool = False
+    ) -> dict[str, Any]:
+        return _operation(
+            summary,
+            description,
+            responses,
+            [] if public else ["401", "403"],
+            tags=["admin"],
+            security=None if public else [{"adminKey": []}],
+        )
+
+    def _scrape(self, path: str) -> dict[str, Any]:
+        text = {"schema": {"type": "string"}}
+        return self._admin(
+            "Prometheus metrics",
+            "The Prometheus exposition (OpenMetrics when asked by `Accept`). Needs the admin "
+            "key unless `MPCAPI_METRICS_PUBLIC=true`.",
+            {
+                "200": _success(
+                    "Metrics",
+                    {"text/plain": text, "application/openmetrics-text": text},
+                )
+            },
+            public=self.metrics_public,
+        )
+
+    def _stats(self, path: str) -> dict[str, Any]:
+        return self._admin(
+            "Dashboard numbers",
+            "Request rates, latencies, errors, tokens and cost, as the dashboard shows them.",
+            {"200": _success("Statistics", _json_content(_ANY_OBJECT))},
+        )
+
+    def _usage(self, path: str) -> dict[str, Any]:
+        return self._admin(
+            "Usage",
+            "Tokens and cost per key, user and model.",
+            {"200": _success("Usage", _json_content(_ANY_OBJECT))},
+        )
+
+    def _dashboard_redirect(self, path: str) -> dict[str, Any]:
+        return _operation(
+            "Dashboard",
+            "Redirects to `/dashboard/`.",
+            {"301": _success("To `/dashboard/`")},
+            [],
+            tags=["admin"],
+        )
+
+    def _dashboard(self, path: str) -> dict[str, Any]:
+        assets = load_assets()  # name -> (content type, body), as the route serves them
+        types = sorted(
+            {content_type.split(b";")[0].decode("ascii") for content_type, _ in assets.values()}
+        )
+        parameters = []
+        responses = {"200": _success("A file of the dashboard", {name: {} for name in types})}
+        if "{name}" in path:
+            parameters.append(
+                {
+                    "name": "name",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"enum": sorted(assets)},
+                }
+            )
+            responses["308"] = _success("`index.html`: to its canonical URL `/dashboard/`")
+        return _operation(
+            "Dashboard files",
+            "The dashboard's page and assets; their numbers come from `/api/stats` (which "
+            "needs the admin key).",
+            responses,
+            ["404"],
+            tags=["admin"],
+            parameters=parameters,
+        )
+
+
+# --- the routes of the app ---------------------------------------------------------------------
+
+_VARIABLE = re.compile(r"<(?:(?P<converter>\w+)(?:\((?P<args>[^)]*)\))?:)?(?P<name>\w+)>")
+
+
+def expand_rule(rule: str) -> list[str]:
+    """Werkzeug rule -> OpenAPI paths: ``any(…)`` variables become one path per choice,
+    other variables ``{name}``."""
+    paths = [""]
+    position = 0
+    for match in _VARIABLE.finditer(rule):
+        literal = rule[position : match.start()]
+        position = match.end()
+        if match.group("converter") == "any":
+            choices = [choice.strip() for choice in (match.group("args") or "").split(",")]
+            paths = [path + literal + choice for path in paths for choice in choices if choice]
+        else:
+            paths = [path + literal + "{" + match.group("name") + "}" for path in paths]
+    return [path + rule[position:] for path in paths]
+
+
+def _operation_id(method: str, path: str) -> str:
+    words = re.sub(r"[^A-Za-z0-9]+", "_", path).strip("_") or "root"
+    if path.endswith("/") and path != "/":
+        words += "_index"  # /dashboard/ next to /dashboard
+    return f"{method.lower()}_{words}"
+
+
+def routes_of(url_map: Any) -> list[tuple[str, str, str]]:
+    """(path, method, endpoint) of every route of a Klein/werkzeug ``url_map``; HEAD, which
+    werkzeug adds to every GET, is left out."""
+    found = []
+    for rule in url_map.iter_rules():
+        for path in expand_rule(rule.rule):
+            for method in sorted(rule.methods or ()):
+                if method not in ("HEAD", "OPTIONS"):
+                    found.append((path, method, str(rule.endpoint)))
+    return found
+
+
+def _error_responses() -> dict[str, Any]:
+    responses: dict[str, Any] = {}
+    for status, reason in _REASONS.items():
+        schema: dict[str, Any] = _ref("schemas", "Error")
+        if status in PASSTHROUGH_STATUSES or status == "401":
+            # Ours, or LiteLLM's own error for the client's request, relayed as it is.
+            schema = {"anyOf": [_ref("schemas", "Error"), _ref("schemas", "UpstreamError")]}
+        headers: dict[str, Any] = {"x-request-id": _ref("headers", "RequestId")}
+        if status == "405":
+            headers["Allow"] = {"description": "The allowed methods", "schema": {"type": "string"}}
+        if status in ("429", "503"):
+            headers["Retry-After"] = {
+                "description": "Seconds to wait before trying again",
+                "schema": {"type": "string"},
+            }
+        if status == "401":
+            headers["WWW-Authenticate"] = {"schema": {"type": "string"}}
+        responses[f"Error{status}"] = {
+            "description": reason,
+            "headers": headers,
+            "content": _json_content(schema),
+        }
+    return responses
+
+
+# LiteLLM answers a comma-separated ``model`` ("a,b") with one answer per model, as a list.
+_MULTI_MODEL_ANSWER: dict[str, Any] = {
+    "type": "array",
+    "description": "LiteLLM's answer to a comma-separated `model`: one item per model.",
+    "items": {"type": "object"},
+}
+
+
+def _answer_schema(endpoint: str) -> dict[str, Any]:
+    schema = _ANSWER_SCHEMAS[endpoint]
+    if endpoint == "embeddings":
+        return schema
+    return {"anyOf": [schema, _MULTI_MODEL_ANSWER]}
+
+
+def _components() -> dict[str, Any]:
+    schemas: dict[str, Any] = {
+        "Error": _ERROR_SCHEMA,
+        "UpstreamError": _UPSTREAM_ERROR_SCHEMA,
+        "Health": _HEALTH_SCHEMA,
+        "Ready": _READY_SCHEMA,
+        "ModelList": _MODELS_SCHEMA,
+    }
+    for endpoint, name in BODY_SCHEMAS.items():
+        request_component, answer_component = _BODY_COMPONENTS[endpoint]
+        schemas[request_component] = body_schema(name)
+        schemas[answer_component] = _answer_schema(endpoint)
+    return {
+        "schemas": schemas,
+        "responses": _error_responses(),
+        "parameters": {
+            "RequestId": {
+                "name": "x-request-id",
+                "in": "header",
+                "required": False,
+                "description": "Kept when 1-128 characters of `A-Z a-z 0-9 . _ : @ / + = -`, "
+                "otherwise replaced by a fresh id; forwarded to LiteLLM and logged.",
+                "schema": {"type": "string"},
+            }
+        },
+        "headers": {
+            "RequestId": {
+                "description": "The request's id (the client's when sane, else a fresh one)",
+                "required": True,
+                "schema": {"type": "string", "minLength": 1},
+            }
+        },
+        "securitySchemes": {
+            "clientKey": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "A client key (`MPCAPI_AUTH=keys`, made with `mpcapi-admin`).",
+            },
+            "adminKey": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "`MPCAPI_ADMIN_KEY`; without one configured the admin surfaces "
+                "answer 403.",
+            },
+        },
+    }
+
+
+_DESCRIPTION = """\
+MPC-API speaks the OpenAI HTTP API and forwards every call to a LiteLLM Gateway. Every OpenAI
+route exists under `/api` (use `http://host:3000/api` as the OpenAI base URL) and `/v1`.
+
+Errors MPC-API produces itself have the shape `{"error", "message", "request_id"}` (plus
+`details` for validation errors): 400 invalid body, 404 unknown route, 405 wrong method (with
+`Allow`), 413 body too large, 502 LiteLLM failed, 504 LiteLLM too slow, 500 a bug. Errors
+LiteLLM returns for the client's own request pass through unchanged. Every response carries
+`x-request-id`.
+"""
+
+
+def build_document(url_map: Any, settings: Settings) -> dict[str, Any]:
+    """The OpenAPI document of the routes of ``url_map`` as ``settings`` configure them."""
+    describer = _Describer(settings)
+    paths: dict[str, dict[str, Any]] = {}
+    for path, method, endpoint in routes_of(url_map):
+        paths.setdefault(path, {})[method.lower()] = describer.describe(endpoint, path, method)
+    if describer.keys:
+        security_note = "The OpenAI routes need a client key (`Authorization: Bearer <key>`)."
+    else:
+        security_note = (
+            "The OpenAI routes are open (`MPCAPI_AUTH=off`); without `LITELLM_API_KEY` the "
+            "client's `Authorization` passes through to LiteLLM."
+        )
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {
+            "title": "MPC-API",
+            "version": __version__,
+            "description": _DESCRIPTION + "\n" + security_note,
+        },
+        "tags": [
+            {"name": "openai", "description": "The OpenAI API, forwarded to LiteLLM"},
+            {"name": "health", "description": "Probes for people and orchestrators"},
+            {"name": "admin", "description": "Metrics, statistics and the dashboard"},
+            {"name": "other", "description": "Further routes"},
+        ],
+        "paths": dict(sorted(paths.items())),
+        "components": _components(),
+    }
+
+
+def document_bytes(url_map: Any, settings: Settings) -> bytes:
+    """``build_document`` as the bytes that ``GET /openapi.json`` serves."""
+    return json.dumps(build_document(url_map, settings), indent=1).encode("utf-8")

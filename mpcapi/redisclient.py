@@ -1,0 +1,213 @@
+"""The Redis connection shared by the rate limiter and the response cache.
+
+``txredisapi`` does the protocol, the pooling and the reconnecting (with backoff, in the
+background). This wrapper adds what the policies need on top of it:
+
+- a lazy start: nothing connects until the first command;
+- a time limit on every command (the reactor is never blocked and a request never waits
+  for Redis longer than ``command_timeout``);
+- fail-fast while Redis is known to be down, so an outage costs no latency;
+- one log line when an outage begins and one when Redis is back, and counters
+  (``errors``, ``outages``, ``available``) that metrics can read.
+
+Every failure is raised as ``RedisUnavailableError``; callers fail open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger, LogPublisher
+
+from mpcapi.settings import Settings
+
+log = Logger(namespace="mpcapi.redis")
+
+DEFAULT_PREFIX = "mpcapi:"
+CONNECT_TIMEOUT = 1.0
+COMMAND_TIMEOUT = 0.5
+# Longest wait between two reconnection attempts during an outage.
+MAX_RECONNECT_DELAY = 2.0
+
+
+class RedisUnavailableError(Exception):
+    """Redis did not answer (down, unreachable, too slow, or refused the command)."""
+
+
+@attrs.frozen
+class RedisAddress:
+    host: str = "127.0.0.1"
+    port: int = 6379
+    path: str | None = None  # unix socket
+    db: int | None = None
+    password: str | None = None
+    username: str | None = None
+
+
+def parse_redis_url(url: str) -> RedisAddress:
+    """``redis://[[user]:password@]host[:port][/db]`` or ``unix:///path[?db=N]``."""
+    parts = urlsplit(url)
+    password = unquote(parts.password) if parts.password else None
+    username = unquote(parts.username) if parts.username else None
+    if parts.scheme == "unix":
+        query = dict(pair.split("=", 1) for pair in parts.query.split("&") if "=" in pair)
+        db = int(query["db"]) if "db" in query else None
+        return RedisAddress(path=parts.path, db=db, password=password, username=username)
+    db_text = parts.path.strip("/")
+    return RedisAddress(
+        host=parts.hostname or "127.0.0.1",
+        port=parts.port or 6379,
+        db=int(db_text) if db_text else None,
+        password=password,
+        username=username or None,
+    )
+
+
+def _connect(address: RedisAddress, connect_timeout: float, command_timeout: float) -> Any:
+    """A lazy txredisapi pool: it returns at once and connects in the background."""
+    import txredisapi  # type: ignore[import-untyped]
+
+    common: dict[str, Any] = {
+        "dbid": address.db,
+        "poolsize": 2,
+        "reconnect": True,
+        "charset": None,  # values are bytes
+        "password": address.password,
+        "connectTimeout": connect_timeout,
+        "replyTimeout": command_timeout,
+        "convertNumbers": False,
+    }
+    if address.username:
+        common["username"] = address.username
+    if address.path is not None:
+        handler = txredisapi.lazyUnixConnectionPool(address.path, **common)
+    else:
+        handler = txredisapi.lazyConnectionPool(host=address.host, port=address.port, **common)
+    factory = getattr(handler, "_factory", None)
+    if factory is not None:
+        factory.maxDelay = MAX_RECONNECT_DELAY  # recover soon after an outage
+        _quiet_reconnects(factory)
+    return handler
+
+
+def _quiet_reconnects(factory: Any) -> None:
+    """Silence the "Scheduling retry" line Twisted's ClientService logs for every attempt of
+    every connection: an outage is logged once, by ``RedisClient``. Best effort (it reaches
+    into the state machine); without it the daemon is only noisier."""
+    silent = Logger(namespace=log.namespace, observer=LogPublisher())  # no one listens
+    for slot in getattr(factory, "slots", ()):
+        machine = getattr(getattr(slot, "service", None), "_machine", None)
+        core = getattr(machine, "__automat_core__", None)
+        if core is not None and hasattr(core, "log"):
+            core.log = silent
+
+
+class RedisClient:
+    """Commands with a time limit, fail-fast during outages, and outage accounting."""
+
+    def __init__(
+        self,
+        url: str,
+        clock: IReactorTime,
+        prefix: str = DEFAULT_PREFIX,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        command_timeout: float = COMMAND_TIMEOUT,
+        connect: Callable[[RedisAddress, float, float], Any] = _connect,
+    ) -> None:
+        self.url = url
+        self.prefix = prefix
+        self._address = parse_redis_url(url)
+        self._clock = clock
+        self._connect_timeout = connect_timeout
+        self._command_timeout = command_timeout
+        self._connect = connect
+        self._handler: Any = None
+        self._connected_once = False
+        # For metrics: commands that failed (each one served without Redis), outages begun.
+        self.errors = 0
+        self.outages = 0
+        self.available = True
+
+    @classmethod
+    def from_settings(cls, settings: Settings, clock: IReactorTime) -> RedisClient | None:
+        """The shared client when ``redis_url`` is set (nothing connects yet), else None."""
+        if not settings.redis_url:
+            return None
+        return cls(settings.redis_url, clock, prefix=settings.redis_prefix)
+
+    def key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    async def eval(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        return await self._call("eval", script, list(keys), list(args))
+
+    async def get(self, key: str) -> bytes | None:
+        value = await self._call("get", key)
+        return value if isinstance(value, bytes) or value is None else str(value).encode()
+
+    async def set(self, key: str, value: bytes, expire: int) -> None:
+        await self._call("set", key, value, expire=expire)
+
+    async def close(self) -> None:
+        handler, self._handler = self._handler, None
+        if handler is not None:
+            with contextlib.suppress(Exception):
+                await handler.disconnect()
+
+    async def _call(self, command: str, *args: Any, **kwargs: Any) -> Any:
+        if self._handler is None:
+            self._handler = self._connect(
+                self._address, self._connect_timeout, self._command_timeout
+            )
+        elif (self._connected_once or not self.available) and not self._has_connection():
+            # Every connection is down: fail at once (no request waits for Redis); the pool
+            # keeps reconnecting in the background, and the first command after that finds
+            # Redis back.
+            self._failed(RedisUnavailableError("no connection"))
+            raise RedisUnavailableError("Redis is unavailable")
+        try:
+            pending: Deferred[Any] = getattr(self._handler, command)(*args, **kwargs)
+            timeout = self._connect_timeout + self._command_timeout
+            result = await pending.addTimeout(timeout, self._clock)
+        except Exception as error:
+            self._failed(error)
+            raise RedisUnavailableError(f"Redis {command} failed: {_describe(error)}") from None
+        self._connected_once = True
+        if not self.available:
+            self.available = True
+            log.info("Redis at {url} is available again", url=self._masked_url())
+        return result
+
+    def _has_connection(self) -> bool:
+        factory = getattr(self._handler, "_factory", None)
+        return bool(getattr(factory, "size", 1))
+
+    def _failed(self, error: Exception) -> None:
+        self.errors += 1
+        if self.available:
+            self.available = False
+            self.outages += 1
+            log.warn(
+                "Redis at {url} is unavailable ({error}); serving without it until it is back",
+                url=self._masked_url(),
+                error=_describe(error),
+            )
+
+    def _masked_url(self) -> str:
+        address = self._address
+        if address.path is not None:
+            return f"unix://{address.path}"
+        return f"redis://{address.host}:{address.port}/{address.db or 0}"
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, defer.TimeoutError):
+        return "no answer in time"
+    return str(error) or type(error).__name__

@@ -1,0 +1,185 @@
+"""Rate limits and the response cache, for real: twistd daemons in front of the real LiteLLM,
+driven by the openai SDK; Redis shared by two daemons; a Redis that goes away and comes back."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.redisserver import REDIS_SERVER, SHARED_REDIS_URL, RedisServer, free_port
+
+from .harness import HELLO, MOCK_TEXT, Daemon
+
+StartDaemon = Callable[..., Daemon]
+
+
+def sdk(daemon: Daemon) -> OpenAI:
+    return OpenAI(base_url=daemon.api_base, api_key="unused", max_retries=0, timeout=30)
+
+
+def chat(daemon: Daemon, content: str = "Hello!", **headers: str) -> Any:
+    """A raw chat call: the parsed completion is ``.parse()``, the headers ``.headers``."""
+    return sdk(daemon).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": content}],
+        extra_headers=headers or None,
+    )
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A key prefix of this test's own in the shared Redis; its keys are deleted afterwards."""
+    prefix = f"mpcapi-test:{uuid.uuid4().hex}:"
+    yield prefix
+    keys = subprocess.run(
+        ["redis-cli", "--scan", "--pattern", prefix + "*"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    ).stdout.split()
+    if keys:
+        subprocess.run(["redis-cli", "del", *keys], capture_output=True, timeout=10, check=False)
+
+
+def test_the_sdk_gets_rate_limit_error_and_the_headers(start_mpcapi: StartDaemon) -> None:
+    daemon = start_mpcapi(MPCAPI_DEFAULT_RPM="3")
+    answers = [chat(daemon) for _ in range(3)]
+    assert [a.parse().choices[0].message.content for a in answers] == [MOCK_TEXT] * 3
+    assert [a.headers["x-ratelimit-limit-requests"] for a in answers] == ["3"] * 3
+    assert [a.headers["x-ratelimit-remaining-requests"] for a in answers] == ["2", "1", "0"]
+    assert answers[0].headers["x-ratelimit-reset-requests"] in ("1m0s", "59s")
+
+    with pytest.raises(openai.RateLimitError) as raised:
+        sdk(daemon).chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    error = raised.value
+    assert error.status_code == 429
+    document = error.response.json()
+    assert document["error"] == "Too Many Requests"
+    assert document["message"].startswith("rate limit of 3 requests per minute reached")
+    assert document["request_id"] == error.response.headers["x-request-id"]
+    retry_after = int(error.response.headers["retry-after"])
+    assert 1 <= retry_after <= 60
+    assert 0 < int(error.response.headers["retry-after-ms"]) <= 60_000
+    assert error.response.headers["x-ratelimit-remaining-requests"] == "0"
+    log = daemon.wait_for_log("rate_limited")
+    assert " 429 " in log
+
+
+def test_tokens_per_minute_from_the_real_usage(start_mpcapi: StartDaemon) -> None:
+    daemon = start_mpcapi(MPCAPI_DEFAULT_TPM="25")  # the mock model's answer uses 30 tokens
+    first = chat(daemon)
+    assert first.headers["x-ratelimit-remaining-tokens"] == "25"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # the tokens are counted once the request is logged
+        try:
+            chat(daemon)
+        except openai.RateLimitError as error:
+            assert error.response.headers["x-ratelimit-remaining-tokens"] == "0"
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the tokens limit never refused")
+
+
+def test_the_cache_answers_a_repeated_request(start_mpcapi: StartDaemon) -> None:
+    daemon = start_mpcapi(MPCAPI_CACHE_TTL="60")
+    first = chat(daemon, "cache me")
+    second = chat(daemon, "cache me")
+    assert (first.headers["x-mpcapi-cache"], second.headers["x-mpcapi-cache"]) == ("miss", "hit")
+    assert second.parse().id == first.parse().id
+    bypass = chat(daemon, "cache me", **{"Cache-Control": "no-cache"})
+    assert bypass.headers["x-mpcapi-cache"] == "bypass"
+    # A stream of a cached answer is replayed, and the SDK reads it like any stream.
+    chunks = list(
+        sdk(daemon).chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "cache me"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == MOCK_TEXT
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.total_tokens == bypass.parse().usage.total_tokens
+
+
+def test_two_daemons_share_one_limit_and_one_cache(
+    start_mpcapi: StartDaemon, redis_prefix: str
+) -> None:
+    shared = {
+        "MPCAPI_REDIS_URL": SHARED_REDIS_URL,
+        "MPCAPI_REDIS_PREFIX": redis_prefix,
+        "MPCAPI_DEFAULT_RPM": "4",
+        "MPCAPI_CACHE_TTL": "60",
+    }
+    one, two = start_mpcapi(**shared), start_mpcapi(**shared)
+    question = f"shared {uuid.uuid4().hex}"
+    first = chat(one, question)
+    assert first.headers["x-mpcapi-cache"] == "miss"
+    time.sleep(0.3)  # daemon one stores the answer in the background
+    second = chat(two, question)
+    assert second.headers["x-mpcapi-cache"] == "hit"
+    assert second.parse().id == first.parse().id
+    assert second.headers["x-ratelimit-remaining-requests"] == "2"  # one limit for both
+    third = chat(one, "another question")
+    assert third.headers["x-ratelimit-remaining-requests"] == "1"
+    chat(two, "yet another")
+    with pytest.raises(openai.RateLimitError):
+        chat(one, question)
+    with pytest.raises(openai.RateLimitError):
+        chat(two, question)
+
+
+@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server not installed")
+def test_a_redis_outage_keeps_requests_flowing_and_recovers(start_mpcapi: StartDaemon) -> None:
+    server = RedisServer(free_port())
+    server.start()
+    try:
+        daemon = start_mpcapi(
+            MPCAPI_REDIS_URL=server.url, MPCAPI_DEFAULT_RPM="10000", MPCAPI_CACHE_TTL="60"
+        )
+        assert chat(daemon, "before").headers["x-ratelimit-remaining-requests"] == "9999"
+        time.sleep(0.3)
+        assert chat(daemon, "before").headers["x-mpcapi-cache"] == "hit"
+
+        server.stop()
+        during = []
+        for n in range(10):
+            started = time.monotonic()
+            answer = chat(daemon, f"during {n}")
+            during.append(time.monotonic() - started)
+            assert answer.parse().choices[0].message.content == MOCK_TEXT
+            assert "x-ratelimit-remaining-requests" not in answer.headers  # served unlimited
+            assert answer.headers["x-mpcapi-cache"] == "miss"
+        assert max(during[1:]) < 1.0  # only the first request noticed, then no waiting
+        log = daemon.wait_for_log("is unavailable")
+        assert log.count("is unavailable") == 1
+        assert " 500 " not in log
+
+        server.start()  # an empty Redis again, on the same port
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            answer = chat(daemon, "after")
+            if "x-ratelimit-remaining-requests" in answer.headers:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the limits never came back with Redis")
+        assert answer.headers["x-ratelimit-remaining-requests"] == "9999"
+        log = daemon.wait_for_log("available again")
+        assert log.count("available again") == 1
+        assert log.count("is unavailable") == 1
+        status = urllib.request.urlopen(daemon.url + "/health", timeout=5).status
+        assert status == 200
+    finally:
+        server.stop()
