@@ -339,6 +339,13 @@ SETTINGS: tuple[Setting, ...] = (
         "true: /metrics needs no admin key",
     ),
     Setting(
+        "usage_ledger",
+        ("MPCAPI_USAGE_LEDGER",),
+        True,
+        _boolean,
+        "false: no usage ledger (no rows, no budgets, no /api/usage)",
+    ),
+    Setting(
         "log_bodies",
         ("MPCAPI_LOG_BODIES",),
         False,
@@ -410,6 +417,7 @@ class Settings:
     cache_scope: str = "key"
     cache_max_bytes: int = 64 * 1024 * 1024
     metrics_public: bool = False
+    usage_ledger: bool = True
     log_bodies: bool = False
     prices: str = ""
     usage_spool: str = "mpcapi-usage.spool.jsonl"

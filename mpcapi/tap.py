@@ -126,7 +126,11 @@ def build_service(
     # Workers get a multiprocess metrics directory from their supervisor (see mpcapi.metrics).
     metrics = Metrics(reactor, multiproc_dir=os.environ.get(MULTIPROC_ENV) or None)
     # The usage ledger shares the client keys' database when there is one (see mpcapi.ledger).
-    ledger = open_ledger(settings, reactor, keys.database if keys else None, worker)
+    ledger = (
+        open_ledger(settings, reactor, keys.database if keys else None, worker)
+        if settings.usage_ledger
+        else None
+    )
     gateway = Gateway(settings, upstream, reactor, keys=keys, metrics=metrics, ledger=ledger)
     site = GatewaySite(
         gateway.resource(),
@@ -136,8 +140,9 @@ def build_service(
         reactor=reactor,
     )
     connections = ConnectionCap(site, settings.max_connections)
-    ledger.idle = lambda: not connections.protocols  # its last flush waits for the drain
-    ledger.setServiceParent(service)
+    if ledger is not None:
+        ledger.idle = lambda: not connections.protocols  # its last flush waits for the drain
+        ledger.setServiceParent(service)
     listening: Service
     if inherited_fd is None:
         listening = strports.service(settings.listen_endpoint, connections, reactor=reactor)

@@ -405,3 +405,28 @@ async def test_non_utf8_path_is_a_json_400(harness: Harness) -> None:
     assert response.code == 400
     document = await json_body(response)
     assert document["message"] == "request path is not valid UTF-8"
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_api_without_a_ledger_is_503() -> None:
+    harness = make_harness(admin_key="admin-secret")
+    response = await harness.get("/api/usage", headers={"Authorization": "Bearer admin-secret"})
+    assert response.code == 503
+    assert "ledger is not running" in (await json_body(response))["message"]
+
+
+def test_the_ledger_can_be_switched_off(tmp_path: object) -> None:
+    from twisted.internet import reactor
+
+    from mpcapi.ledger import UsageLedger
+    from mpcapi.settings import Settings
+    from mpcapi.tap import build_service
+
+    def ledgers(settings: Settings) -> list[object]:
+        service = build_service(settings, reactor)
+        return [child for child in service if isinstance(child, UsageLedger)]
+
+    database = f"sqlite:///{tmp_path}/usage.db"
+    assert ledgers(Settings(port=0, database_url=database, usage_ledger=False)) == []
+    (ledger,) = ledgers(Settings(port=0, database_url=database))
+    ledger.database.close()  # type: ignore[attr-defined]
