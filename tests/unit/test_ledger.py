@@ -29,6 +29,7 @@ from mpcapi.app import Gateway
 from mpcapi.database import SyncDatabase
 from mpcapi.keys import ClientKey, KeyAuthenticator, create_key
 from mpcapi.ledger import (
+    FLUSH_EVERY,
     REDACTED,
     PriceTable,
     UsageLedger,
@@ -156,7 +157,7 @@ class Ledgered:
 
     async def store(self) -> None:
         """Let the flusher run once."""
-        self.harness.clock.advance(0.5)
+        self.harness.clock.advance(FLUSH_EVERY)
         self.harness.flush()
 
 
@@ -541,7 +542,7 @@ def test_rows_are_written_in_batches(sqlite_db: SyncDb, tmp_path: Path) -> None:
     ledger.observe(fields(3))  # a full batch goes at once
     assert len(sqlite_db.rows()) == 3 and sqlite_db.calls == 1
     ledger.observe(fields(4))
-    clock.advance(0.5)  # the rest on the next tick
+    clock.advance(FLUSH_EVERY)  # the rest on the next tick
     assert len(sqlite_db.rows()) == 4 and sqlite_db.calls == 2
 
 
@@ -551,16 +552,16 @@ def test_outage_spools_then_replays_every_row_once(
     ledger, clock = bare_ledger(db, tmp_path)
     spool = tmp_path / "spool.jsonl"
     ledger.observe(fields(0))
-    clock.advance(0.5)
+    clock.advance(FLUSH_EVERY)
     db.down = True
     for n in range(1, 4):
         ledger.observe(fields(n))
-    clock.advance(0.5)
+    clock.advance(FLUSH_EVERY)
     assert [row["request_id"] for row in read_lines(str(spool))] == ["req-1", "req-2", "req-3"]
     calls = db.calls
     for n in range(4, 8):
         ledger.observe(fields(n))
-        clock.advance(0.5)  # between attempts, rows go straight to the spool file
+        clock.advance(FLUSH_EVERY)  # between attempts, rows go straight to the spool file
     assert db.calls <= calls + 2
     assert len(read_lines(str(spool))) == 7
     down = [t for t in texts(log_events) if "unreachable" in t]
@@ -575,7 +576,7 @@ def test_outage_spools_then_replays_every_row_once(
     append_lines(str(spool), [ledger.row_of(fields(n)) for n in (1, 2)])
     ledger.spooled = True
     ledger.observe(fields(8))
-    clock.advance(0.5)
+    clock.advance(FLUSH_EVERY)
     assert sorted(row["request_id"] for row in db.rows()) == [f"req-{n}" for n in range(9)]
     assert not spool.exists()
 
@@ -586,7 +587,7 @@ def test_a_full_queue_overflows_to_the_spool_file(sqlite_db: SyncDb, tmp_path: P
         ledger.observe(fields(n))
     assert len(ledger.queue) == 2
     assert len(read_lines(str(tmp_path / "spool.jsonl"))) == 3
-    clock.advance(0.5)
+    clock.advance(FLUSH_EVERY)
     assert len(sqlite_db.rows()) == 5
     assert not (tmp_path / "spool.jsonl").exists()
 
@@ -598,7 +599,7 @@ def test_spool_left_by_an_earlier_run_is_replayed(sqlite_db: SyncDb, tmp_path: P
     append_lines(str(tmp_path / "spool.jsonl"), [earlier.row_of(fields(n)) for n in range(3)])
     ledger, clock = bare_ledger(sqlite_db, tmp_path)
     assert ledger.spooled
-    clock.advance(0.5)
+    clock.advance(FLUSH_EVERY)
     assert len(sqlite_db.rows()) == 3
 
 
