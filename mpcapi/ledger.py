@@ -508,7 +508,10 @@ class UsageLedger(Service):
 
     def observe(self, fields: Mapping[str, Any]) -> None:
         """Request observer: queue the finished request's row (or spool it if the queue is
-        full)."""
+        full). Only the OpenAI routes are usage: health probes, metrics scrapes and the
+        dashboard's polls would only bury it."""
+        if fields.get("route") is None:
+            return
         row = self.row_of(fields)
         key_id = row["key_id"]
         if key_id and row["cost_usd"]:

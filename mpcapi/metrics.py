@@ -58,7 +58,15 @@ ANONYMOUS = "anonymous"
 
 OPENAI_ROUTES = ("/chat/completions", "/completions", "/embeddings", "/models", "/ws")
 # Routes that are not API traffic: the dashboard's rates and errors leave them out.
-SERVICE_ROUTES = ("/health", "/health/ready", "/metrics", "/api/stats", "/dashboard")
+SERVICE_ROUTES = (
+    "/health",
+    "/health/ready",
+    "/metrics",
+    "/api/stats",
+    "/api/usage",
+    "/openapi.json",
+    "/dashboard",
+)
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 UPSTREAM_FAILURES = ("unreachable", "timeout", "status_5xx", "key_refused", "broken")
 CACHE_RESULTS = ("hit", "miss", "bypass")

@@ -144,6 +144,17 @@ def test_dashboard_shows_the_traffic_live(
         assert users[0][:2] == ["anonymous", str(total)]
         errors = page.eval_on_selector_all("#errors tbody tr", "rows => rows.length")
         assert errors == sent["invalid"]
+        # The ledger's own totals, read from GET /api/usage (rows land within a second).
+        page.wait_for_function(
+            "total => { const row = document.querySelector('#ledger-users tbody tr');"
+            " return row && row.cells[1].textContent === String(total); }",
+            arg=total,
+            timeout=15000,
+        )
+        ledger = page.eval_on_selector_all(
+            "#ledger-users tbody tr", "rows => rows.map(r => [...r.cells].map(c => c.textContent))"
+        )
+        assert ledger[0][:4] == ["(no key)", str(total), str(sent["invalid"]), str(sent["tokens"])]
 
         for chart in CHARTS:
             box = page.eval_on_selector(

@@ -275,13 +275,13 @@ async def test_rows_and_totals_after_known_traffic(db: SyncDb, tmp_path: Path) -
     assert by_model["gpt-4o-mini"]["cost_usd"] == pytest.approx(0.00084)
     assert report["totals"]["requests"] == 4
     day = await json_body(await harness.get("/api/usage?group_by=day", headers=bearer(ADMIN)))
-    assert [g["requests"] for g in day["groups"]] == [5]  # and the first GET /api/usage
+    assert [g["requests"] for g in day["groups"]] == [4]  # GET /api/usage is not usage
     # The CLI prints the same numbers.
     url = db.url
     out = io.StringIO()
     assert run_admin(["usage", "--group-by", "model", "--json", "--database-url", url], out) == 0
     printed = {g["group"]: g for g in json.loads(out.getvalue())["groups"]}
-    assert printed["gpt-4o-mini"] == by_model["gpt-4o-mini"]  # (GET /api/usage adds rows)
+    assert printed["gpt-4o-mini"] == by_model["gpt-4o-mini"]
     out = io.StringIO()
     assert run_admin(["usage", "--group-by", "model", "--database-url", url], out) == 0
     table = out.getvalue().splitlines()
@@ -590,6 +590,14 @@ def test_a_full_queue_overflows_to_the_spool_file(sqlite_db: SyncDb, tmp_path: P
     clock.advance(FLUSH_EVERY)
     assert len(sqlite_db.rows()) == 5
     assert not (tmp_path / "spool.jsonl").exists()
+
+
+def test_only_openai_routes_are_usage(sqlite_db: SyncDb, tmp_path: Path) -> None:
+    ledger, clock = bare_ledger(sqlite_db, tmp_path)
+    ledger.observe({**fields(1), "route": None, "path": "/health"})
+    ledger.observe(fields(2))
+    clock.advance(FLUSH_EVERY)
+    assert [row["request_id"] for row in sqlite_db.rows()] == ["req-2"]
 
 
 def test_spool_left_by_an_earlier_run_is_replayed(sqlite_db: SyncDb, tmp_path: Path) -> None:

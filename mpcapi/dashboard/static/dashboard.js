@@ -261,6 +261,29 @@
     state.timer = null;
   }
 
+  // Spend since the ledger began (GET /api/usage): every instance's rows, not just this one's.
+  function showLedger(key) {
+    return fetch("/api/usage?group_by=user", {
+      headers: { Authorization: "Bearer " + key }, cache: "no-store"
+    })
+      .then(function (response) {
+        if (response.status === 503) return { off: true };
+        if (!response.ok) throw new Error("GET /api/usage answered " + response.status);
+        return response.json();
+      })
+      .then(function (usage) {
+        if (usage.off) {
+          fill("ledger-users", [["(usage ledger off)", "", "", "", ""]]);
+          return;
+        }
+        state.ledgerReadings = (state.ledgerReadings || 0) + 1;
+        fill("ledger-users", usage.groups.map(function (g) {
+          return [g.group === null ? "(no key)" : g.group, g.requests, g.errors,
+                  g.prompt_tokens + g.completion_tokens, fmtCost(g.cost_usd)];
+        }));
+      });
+  }
+
   function poll() {
     var key = sessionStorage.getItem(STORAGE_KEY);
     if (!key) { signedIn(false); return; }
@@ -283,7 +306,7 @@
         record(stats);
         show(stats);
         drawAll();
-        state.timer = setTimeout(poll, POLL_MS);
+        return showLedger(key).then(function () { state.timer = setTimeout(poll, POLL_MS); });
       })
       .catch(function (error) {
         $("status").textContent = "cannot read statistics: " + error.message + " (retrying)";
