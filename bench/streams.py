@@ -52,7 +52,7 @@ from harness import (
 )
 from twisted.copyright import version as twisted_version
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
@@ -67,8 +67,9 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IResponse
-from zope.interface import implementer
+from twisted.web.iweb import IResponse
+
+from mpcapi.upstream import BytesProducer
 
 reactor: Any = _reactor
 
@@ -82,28 +83,6 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 # --------------------------------------------------------------------------- client side
-
-
-@implementer(IBodyProducer)
-class BytesBody:
-    """A request body already in memory, written at once."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 @dataclass
@@ -261,7 +240,7 @@ class Client:
             await deferLater(reactor, delay, lambda: None)
         stream = Stream(target, events)
         timeout = 15.0 + events * interval_ms / 1000
-        body = BytesBody(chat_body(events, interval_ms))
+        body = BytesProducer(chat_body(events, interval_ms))
         stream.sent = time.time()
         d = self.agent.request(b"POST", url, Headers(JSON_HEADERS), body)
         timer = reactor.callLater(timeout, d.cancel)

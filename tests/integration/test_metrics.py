@@ -4,7 +4,6 @@ workers shows its exact totals, whichever worker answers the scrape."""
 from __future__ import annotations
 
 import json
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -13,7 +12,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from .harness import Daemon
+from .harness import Daemon, wait_until
 
 ADMIN = "admin-key-for-metrics-tests"
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello!"}]}
@@ -51,15 +50,6 @@ def scrape(daemon: Daemon) -> dict[tuple[str, tuple[tuple[str, str], ...]], floa
         for family in text_string_to_metric_families(body.decode())
         for sample in family.samples
     }
-
-
-def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
 
 
 def served_by(daemon: Daemon) -> set[str]:

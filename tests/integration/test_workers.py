@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .harness import Daemon
+from .harness import Daemon, DaemonLauncher, wait_until
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello!"}]}
 
@@ -44,15 +43,6 @@ def burst(url: str, count: int = 48) -> list[int]:
     """``count`` requests at once, each on its own connection."""
     with ThreadPoolExecutor(max_workers=count) as pool:
         return list(pool.map(lambda _: chat(url), range(count)))
-
-
-def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
 
 
 def test_two_workers_share_the_port_and_each_log_names_its_worker(
@@ -99,10 +89,7 @@ def test_a_dead_worker_is_replaced_and_sigterm_stops_all(
     assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 5)
 
 
-def test_bad_worker_count_stops_startup(start_mpcapi: Callable[..., Daemon]) -> None:
-    from .harness import DaemonLauncher  # noqa: F401  (same launcher as start_mpcapi)
-
-    launcher = start_mpcapi.__self__  # type: ignore[attr-defined]
-    result = launcher.run(MPCAPI_WORKERS="zero")
+def test_bad_worker_count_stops_startup(mpcapi_launcher: DaemonLauncher) -> None:
+    result = mpcapi_launcher.run(MPCAPI_WORKERS="zero")
     assert result.returncode != 0
     assert "MPCAPI_WORKERS" in result.stderr.strip().splitlines()[-1]

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
 import pytest
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 from mpcapi.app import Gateway
 from mpcapi.keys import KeyAuthenticator, open_authenticator
@@ -148,3 +150,17 @@ def harness() -> Harness:
 
 async def json_body(response: Any) -> Any:
     return json.loads(await response.content())
+
+
+@pytest.fixture
+def log_events() -> Iterator[list[LogEvent]]:
+    """Every twisted.logger event emitted while the test runs."""
+    events: list[LogEvent] = []
+
+    @implementer(ILogObserver)
+    def observe(event: LogEvent) -> None:
+        events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)

@@ -18,9 +18,8 @@ import pytest_twisted
 from treq.testing import StubTreq
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
-from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, formatEvent
 from twisted.web.test.requesthelper import DummyRequest
-from zope.interface import implementer
 
 from mpcapi import keys as keys_module
 from mpcapi.admin import main as admin_main
@@ -89,19 +88,6 @@ def auth_any_db(db_url: str) -> Iterator[Harness]:
     yield harness
     assert harness.keys is not None
     harness.keys.database.close()
-
-
-@pytest.fixture
-def log_events() -> Iterator[list[LogEvent]]:
-    events: list[LogEvent] = []
-
-    @implementer(ILogObserver)
-    def observe(event: LogEvent) -> None:
-        events.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield events
-    globalLogPublisher.removeObserver(observe)
 
 
 def database_of(harness: Harness) -> Database:

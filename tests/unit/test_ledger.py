@@ -18,11 +18,10 @@ import treq
 from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
-from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, formatEvent
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
-from zope.interface import implementer
 
 from mpcapi.admin import main as admin_main
 from mpcapi.app import Gateway
@@ -114,19 +113,6 @@ def sqlite_db(tmp_path: Path) -> Iterator[SyncDb]:
         database = SyncDb(url)
         yield database
         database.close()
-
-
-@pytest.fixture
-def log_events() -> Iterator[list[LogEvent]]:
-    events: list[LogEvent] = []
-
-    @implementer(ILogObserver)
-    def observe(event: LogEvent) -> None:
-        events.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield events
-    globalLogPublisher.removeObserver(observe)
 
 
 def texts(events: list[LogEvent], namespace: str = "mpcapi.ledger") -> list[str]:
