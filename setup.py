@@ -17,6 +17,8 @@ setup(
         "klein>=24.8.0",
         "treq>=24.9.1",
         "jsonschema>=4.18.0",
+        "jsonschema-rs>=0.29,<1",
+        "orjson>=3.9",
         "python-dotenv>=1.0.0",
         "attrs>=23.1.0",
         "autobahn>=24.4.2",

@@ -10,6 +10,7 @@ import json
 from datetime import UTC, datetime
 from typing import IO, Any
 
+import orjson
 from twisted.logger import ILogObserver, LogEvent, formatEvent, textFileLogObserver
 from zope.interface import implementer
 
@@ -17,14 +18,8 @@ from zope.interface import implementer
 _LEGACY_KEYS = frozenset({"message", "format", "isError", "system", "time", "why", "failure"})
 
 
-def _jsonable(value: Any) -> Any:
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if isinstance(value, list | tuple):
-        return [_jsonable(item) for item in value]
-    if isinstance(value, dict):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    return str(value)
+# Anything JSON cannot hold becomes its str().
+_OPTIONS = orjson.OPT_NON_STR_KEYS
 
 
 def _message(event: LogEvent) -> str:
@@ -38,24 +33,59 @@ def _message(event: LogEvent) -> str:
     return formatEvent(event)
 
 
+class _SecondStamp:
+    """ISO-8601 UTC times with milliseconds; the part up to the second is made once per second
+    (one log line per request makes this a hot path)."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, seconds: float) -> str:
+        whole = int(seconds)
+        if whole != self._second:
+            self._second = whole
+            self._prefix = datetime.fromtimestamp(whole, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._prefix}.{int((seconds - whole) * 1000):03d}+00:00"
+
+
+_stamp = _SecondStamp()
+
+
 def event_as_record(event: LogEvent) -> dict[str, Any]:
-    """One log event as a flat, JSON-ready dict."""
+    """One log event as a flat dict (its values as they are; ``encode_record`` writes it)."""
     level = event.get("log_level")
     record: dict[str, Any] = {
-        "time": datetime.fromtimestamp(event.get("log_time", 0), tz=UTC).isoformat(
-            timespec="milliseconds"
-        ),
+        "time": _stamp(event.get("log_time", 0)),
         "level": level.name if level is not None else "info",
         "namespace": event.get("log_namespace") or event.get("system"),
         "message": _message(event),
     }
     for key, value in event.items():
-        if not key.startswith("log_") and key not in _LEGACY_KEYS:
-            record[key] = _jsonable(value)
+        if key[:4] != "log_" and key not in _LEGACY_KEYS:
+            record[key] = value
     failure = event.get("log_failure")
     if failure is not None:
         record["traceback"] = failure.getTraceback()
     return record
+
+
+def encode_record(record: dict[str, Any]) -> str:
+    """A record as one line of JSON (orjson: this runs once per request); values JSON cannot
+    hold become their text."""
+    try:
+        return orjson.dumps(record, default=str, option=_OPTIONS).decode("utf-8")
+    except (TypeError, orjson.JSONEncodeError):  # e.g. a cycle, an integer past 64 bits
+        return json.dumps({key: _plain(value) for key, value in record.items()})
+
+
+def _plain(value: Any) -> Any:
+    """``value`` if the standard json module can write it, else its text."""
+    try:
+        json.dumps(value, default=str)
+    except (TypeError, ValueError, RecursionError):
+        return str(value)
+    return value
 
 
 @implementer(ILogObserver)
@@ -70,7 +100,7 @@ class JsonLinesObserver:
         record = event_as_record(event)
         if self._worker is not None:
             record["worker"] = self._worker
-        self._out.write(json.dumps(record) + "\n")
+        self._out.write(encode_record(record) + "\n")
         self._out.flush()
 
 

@@ -399,6 +399,7 @@ class Metrics:
         self._key_cost = Counter(
             _DASHBOARD_PREFIX + "key_cost_usd", "Cost by key", ["key_id"], registry=d
         )
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._models = LabelCap(MODEL_LABEL_LIMIT)
         self._users = LabelCap(PRINCIPAL_LIMIT)
         self._keys = LabelCap(PRINCIPAL_LIMIT)
@@ -420,42 +421,51 @@ class Metrics:
         method = method if method in METHODS else OTHER
         status = int(fields.get("status") or 0)
         model = self._model_label(fields)
-        self.requests.labels(route, method, str(status), model).inc()
-        self.request_duration.labels(route).observe(fields.get("duration_ms", 0) / 1000)
+        self._child(self.requests, route, method, str(status), model).inc()
+        self._child(self.request_duration, route).observe(fields.get("duration_ms", 0) / 1000)
         if fields.get("upstream_ms") is not None:
-            self.upstream_duration.labels(route).observe(fields["upstream_ms"] / 1000)
+            self._child(self.upstream_duration, route).observe(fields["upstream_ms"] / 1000)
         if fields.get("ttfb_ms") is not None:
-            self.time_to_first_byte.labels(route).observe(fields["ttfb_ms"] / 1000)
+            self._child(self.time_to_first_byte, route).observe(fields["ttfb_ms"] / 1000)
         prompt = int(fields.get("prompt_tokens") or 0)
         completion = int(fields.get("completion_tokens") or 0)
         cost = float(fields.get("cost_usd") or 0.0)
         if "prompt_tokens" in fields:
-            self.tokens.labels(model, "prompt").inc(prompt)
-            self.tokens.labels(model, "completion").inc(completion)
+            self._child(self.tokens, model, "prompt").inc(prompt)
+            self._child(self.tokens, model, "completion").inc(completion)
         if fields.get("cost_usd") is not None:
-            self.cost.labels(model).inc(cost)
+            self._child(self.cost, model).inc(cost)
         cache = fields.get("cache")
         if cache:
-            self.cache.labels(cache if cache in CACHE_RESULTS else OTHER).inc()
+            self._child(self.cache, cache if cache in CACHE_RESULTS else OTHER).inc()
         if fields.get("rate_limited"):
             self.ratelimited.inc()
         kind = failure_kind(fields)
         if kind is not None:
-            self.upstream_errors.labels(kind).inc()
+            self._child(self.upstream_errors, kind).inc()
         if not is_api_traffic(route):
             return
         user = self._users(_short(fields.get("user") or ANONYMOUS))
-        self._user_requests.labels(user).inc()
-        self._user_tokens.labels(user, "prompt").inc(prompt)
-        self._user_tokens.labels(user, "completion").inc(completion)
-        self._user_cost.labels(user).inc(cost)
+        self._child(self._user_requests, user).inc()
+        self._child(self._user_tokens, user, "prompt").inc(prompt)
+        self._child(self._user_tokens, user, "completion").inc(completion)
+        self._child(self._user_cost, user).inc(cost)
         if fields.get("key_id"):
             key = self._keys(_short(fields["key_id"]))
-            self._key_requests.labels(key, user if key != OTHER else OTHER).inc()
-            self._key_tokens.labels(key).inc(prompt + completion)
-            self._key_cost.labels(key).inc(cost)
+            self._child(self._key_requests, key, user if key != OTHER else OTHER).inc()
+            self._child(self._key_tokens, key).inc(prompt + completion)
+            self._child(self._key_cost, key).inc(cost)
         if status >= 400 or kind is not None:
             self.errors.append(self._error_record(fields, route, status, kind))
+
+    def _child(self, family: Any, *values: str) -> Any:
+        """``family.labels(*values)``, remembered: prometheus_client's own lookup takes a lock
+        and checks every value, a dozen times per request. Bounded like the label values."""
+        key = (id(family), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*values)
+        return child
 
     def _model_label(self, fields: dict[str, Any]) -> str:
         model = fields.get("model")

@@ -13,6 +13,7 @@ import json
 from enum import Enum
 from typing import Any
 
+import orjson
 from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
@@ -160,7 +161,7 @@ class SSERelay(UpstreamBody):
             self.saw_done = True
             return False
         try:
-            chunk = json.loads(event.data)
+            chunk = orjson.loads(event.data)
         except ValueError:
             return False
         if not isinstance(chunk, dict):

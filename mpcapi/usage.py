@@ -7,11 +7,11 @@ client asked for it with ``stream_options.include_usage``) and no cost header.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
 import attrs
+import orjson
 from twisted.web.iweb import IResponse
 
 COST_HEADER = b"x-litellm-response-cost"
@@ -46,7 +46,7 @@ def usage_of_answer(body: bytes, response: IResponse) -> Usage | None:
     if b'"usage"' not in body:
         return None
     try:
-        usage = _tokens(json.loads(body))
+        usage = _tokens(orjson.loads(body))
     except ValueError:
         return None
     if usage is None:
@@ -72,7 +72,7 @@ def usage_of_event(data: str) -> Usage | None:
     if '"usage"' not in data:
         return None
     try:
-        return _tokens(json.loads(data))
+        return _tokens(orjson.loads(data))
     except ValueError:
         return None
 

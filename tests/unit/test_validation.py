@@ -7,9 +7,19 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from hypothesis import given
+from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
 
-from mpcapi.validation import RequestValidator, field_path
+from mpcapi.validation import (
+    SCHEMA_NAMES,
+    RequestValidator,
+    field_path,
+    load_schema,
+    parse_json_object,
+)
 from tests.unit.conftest import CHAT, Harness, json_body
+from tests.unit.test_properties import bodies, near_valid_documents
 
 USER = [{"role": "user", "content": "Hi"}]
 
@@ -130,3 +140,37 @@ def test_deep_nesting_is_a_400() -> None:
 def test_field_path() -> None:
     assert field_path(["messages", 0, "content", 1, "type"]) == "messages[0].content[1].type"
     assert field_path([]) == ""
+
+
+# The fast checks (orjson, jsonschema-rs) must agree with the explaining ones (json, jsonschema).
+
+_SLOW = {name: Draft202012Validator(load_schema(name)) for name in SCHEMA_NAMES}
+_VALIDATOR = RequestValidator()
+
+
+@given(near_valid_documents(), st.sampled_from(SCHEMA_NAMES))
+def test_the_fast_schema_check_agrees_with_jsonschema(document: dict[str, Any], name: str) -> None:
+    body = json.dumps(document).encode()
+    try:
+        _VALIDATOR.validate(name, body)
+        accepted = True
+    except Exception:
+        accepted = False
+    assert accepted == _SLOW[name].is_valid(json.loads(body))
+
+
+@given(bodies)
+def test_the_fast_json_parser_agrees_with_json(body: bytes) -> None:
+    try:
+        expected: Any = json.loads(body.decode("utf-8"), parse_constant=float)
+        if any(token in body for token in (b"NaN", b"Infinity")):
+            return  # json takes these; the contract refuses them (a test above)
+    except (ValueError, RecursionError):
+        expected = ValueError
+    try:
+        parsed: Any = parse_json_object(body)
+    except Exception:
+        parsed = ValueError
+    if expected is not ValueError and not isinstance(expected, dict):
+        expected = ValueError  # valid JSON, but not an object: refused as well
+    assert parsed == expected
