@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -40,6 +41,7 @@ from twisted.logger import Logger
 
 from mpcapi.database import Cursor, Database
 from mpcapi.errors import ApiError, bad_request
+from mpcapi.timestamps import iso_millis
 
 if TYPE_CHECKING:
     from mpcapi.keys import ClientKey
@@ -85,10 +87,18 @@ def _quoted(column: str) -> str:
     return '"user"' if column == "user" else column
 
 
-_INSERT = (
-    f"INSERT INTO usage ({', '.join(_quoted(c) for c in COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in COLUMNS)}) ON CONFLICT (request_id) DO NOTHING"
-)
+ROWS_PER_INSERT = 200  # 4,200 parameters per statement: under SQLite's and PostgreSQL's limits
+
+
+@functools.cache
+def insert_statement(rows: int) -> str:
+    """One INSERT of ``rows`` rows that skips request ids already stored."""
+    one = f"({', '.join('?' for _ in COLUMNS)})"
+    return (
+        f"INSERT INTO usage ({', '.join(_quoted(c) for c in COLUMNS)}) "
+        f"VALUES {', '.join([one] * rows)} ON CONFLICT (request_id) DO NOTHING"
+    )
+
 
 # --- prices -------------------------------------------------------------------------------------
 
@@ -219,12 +229,6 @@ def stored_body(raw: bytes | None) -> str | None:
 # --- time ---------------------------------------------------------------------------------------
 
 
-def stamp(seconds: float) -> str:
-    """Stored time: ISO-8601 UTC with milliseconds and a Z (sorts as text)."""
-    moment = datetime.fromtimestamp(seconds, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
 def parse_moment(text: str, name: str, end_of_day: bool = False) -> str:
     """A query's time bound as stored text: ISO-8601 (a date, or a date and time with an
     offset or Z; naive is UTC). A date alone as an upper bound means the end of that day.
@@ -243,7 +247,7 @@ def parse_moment(text: str, name: str, end_of_day: bool = False) -> str:
         raise ValueError(
             f"{name}: {text!r} is not an ISO-8601 date or time (2026-11-27, 2026-11-27T10:00:00Z)"
         ) from None
-    return stamp(moment.timestamp())
+    return iso_millis(moment.timestamp())
 
 
 # --- the SQL (functions of a database.Cursor) ---------------------------------------------------
@@ -254,15 +258,18 @@ _DEFAULTS = {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "cost_
 
 def insert_rows(cursor: Cursor, rows: Sequence[Mapping[str, Any]]) -> int:
     """Insert rows, skipping request ids already stored; return how many were new."""
-    if not rows:
-        return 0
-    # One executemany per batch: the writer thread holds the GIL (and the reactor) less.
-    values = [
-        [_DEFAULTS.get(column, row.get(column)) if row.get(column) is None else row[column]
-         for column in COLUMNS]
-        for row in rows
-    ]  # fmt: skip
-    return max(cursor.executemany(_INSERT, values).rowcount, 0)
+    # Many rows per statement: one database step (one release of the GIL, one round trip to
+    # PostgreSQL) per ROWS_PER_INSERT rows, where executemany would take one per row.
+    stored = 0
+    for start in range(0, len(rows), ROWS_PER_INSERT):
+        chunk = rows[start : start + ROWS_PER_INSERT]
+        values = [
+            _DEFAULTS.get(column) if row.get(column) is None else row[column]
+            for row in chunk
+            for column in COLUMNS
+        ]
+        stored += max(cursor.execute(insert_statement(len(chunk)), values).rowcount, 0)
+    return stored
 
 
 def spend_of_key(cursor: Cursor, key_id: str) -> float:
@@ -531,7 +538,7 @@ class UsageLedger(Service):
         duration = fields.get("duration_ms") or 0.0
         return {
             "request_id": request_id,
-            "created_at": stamp(self.clock.seconds() - duration / 1000),
+            "created_at": iso_millis(self.clock.seconds() - duration / 1000),
             "key_id": fields.get("key_id"),
             "user": fields.get("user"),
             "client": fields.get("client"),

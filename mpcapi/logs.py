@@ -7,12 +7,13 @@ them as one flat object per line, next to the time, level, namespace and message
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from typing import IO, Any
 
 import orjson
 from twisted.logger import ILogObserver, LogEvent, formatEvent, textFileLogObserver
 from zope.interface import implementer
+
+from mpcapi.timestamps import iso_millis
 
 # Keys of legacy twisted.python.log events that are not fields of ours.
 _LEGACY_KEYS = frozenset({"message", "format", "isError", "system", "time", "why", "failure"})
@@ -33,30 +34,11 @@ def _message(event: LogEvent) -> str:
     return formatEvent(event)
 
 
-class _SecondStamp:
-    """ISO-8601 UTC times with milliseconds; the part up to the second is made once per second
-    (one log line per request makes this a hot path)."""
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
-
-    def __call__(self, seconds: float) -> str:
-        whole = int(seconds)
-        if whole != self._second:
-            self._second = whole
-            self._prefix = datetime.fromtimestamp(whole, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        return f"{self._prefix}.{int((seconds - whole) * 1000):03d}+00:00"
-
-
-_stamp = _SecondStamp()
-
-
 def event_as_record(event: LogEvent) -> dict[str, Any]:
     """One log event as a flat dict (its values as they are; ``encode_record`` writes it)."""
     level = event.get("log_level")
     record: dict[str, Any] = {
-        "time": _stamp(event.get("log_time", 0)),
+        "time": iso_millis(event.get("log_time", 0)),
         "level": level.name if level is not None else "info",
         "namespace": event.get("log_namespace") or event.get("system"),
         "message": _message(event),

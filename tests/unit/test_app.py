@@ -11,7 +11,7 @@ from treq.testing import StubTreq
 from twisted.internet import defer
 
 from mpcapi.app import Gateway
-from mpcapi.requestlog import RequestLogging, RequestObserver
+from mpcapi.requestlog import RequestLogging, RequestObserver, new_request_id
 from tests.unit.conftest import (
     CHAT,
     COMPLETION,
@@ -191,6 +191,13 @@ async def test_insane_request_id_is_replaced(harness: Harness, given: str) -> No
     (returned,) = response.headers.getRawHeaders("x-request-id")
     assert re.fullmatch(r"[0-9a-f]{32}", returned)
     assert harness.fake.seen[0].header("x-request-id") == returned
+
+
+def test_fresh_request_ids_are_unique_and_sort_by_time() -> None:
+    ids = [new_request_id(1_790_000_000 + n / 1000) for n in range(2000)]
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)
+    assert all(re.fullmatch(r"[0-9a-f]{32}", one) for one in ids)
 
 
 @pytest_twisted.ensureDeferred
