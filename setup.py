@@ -17,7 +17,7 @@ setup(
         "klein>=24.8.0",
         "treq>=24.9.1",
         "jsonschema>=4.18.0",
-        "jsonschema-rs>=0.29,<1",
+        "fastjsonschema>=2.19",
         "orjson>=3.9",
         "python-dotenv>=1.0.0",
         "attrs>=23.1.0",
