@@ -1,6 +1,7 @@
 -- wrk script: like chat.lua, but every request asks something new (a per-thread, per-run
 -- prefix and a counter in the message), so a response cache never answers it: each one is
--- a miss, forwarded to the stand-in LiteLLM and stored. Used by `bench/run --policy`.
+-- a miss, forwarded to the stand-in LiteLLM and stored. Used by `bench/run --policy`; the
+-- done() hook is report.lua's.
 
 local counter = 0
 local next_id = 0
@@ -22,15 +23,4 @@ function request()
   return wrk.format("POST", nil, {["Content-Type"] = "application/json"}, body)
 end
 
-function done(summary, latency, requests)
-  local e = summary.errors
-  local seconds = summary.duration / 1000000
-  io.write(string.format(
-    'BENCH_JSON {"requests":%d,"duration_us":%d,"bytes":%d,"rps":%.2f,' ..
-    '"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d,"mean_us":%.1f,' ..
-    '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d}}\n',
-    summary.requests, summary.duration, summary.bytes, summary.requests / seconds,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99),
-    latency.max, latency.mean,
-    e.connect, e.read, e.write, e.status, e.timeout))
-end
+dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "report.lua")

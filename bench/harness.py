@@ -2,40 +2,46 @@
 and MPC-API, drives each with wrk and reports throughput, latency and peak memory.
 
 Standard library only; bench/run installs nginx, wrk and the project venv before calling this.
+The process handling it shares with bench/streams.py and bench/soak.py is in bench/common.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import platform
-import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-VENV_BIN = ROOT / ".venv" / "bin"
-RESULTS = BENCH / "results"
-CHAT_LUA = BENCH / "chat.lua"
+from common import (
+    BENCH,
+    CHAT_LUA,
+    VENV_BIN,
+    BenchError,
+    Proc,
+    Supervisor,
+    cpu_seconds,
+    error_count,
+    exit_text,
+    fmt_mib,
+    free_port,
+    guarded,
+    http_status,
+    run_wrk,
+    save,
+    smoke_test,
+    start_mpcapi,
+    wait_ready,
+)
+
 CHAT_UNIQUE_LUA = BENCH / "chat_unique.lua"  # a new question every request: cache misses
-CHAT_BODY = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hello!"}]}'
 NGINX = "/usr/sbin/nginx"
 TARGETS = ("floor", "reference", "mpcapi")
 TARGET_PATHS = {
@@ -44,188 +50,6 @@ TARGET_PATHS = {
     "mpcapi": "/api/chat/completions",
 }
 LABELS = {"floor": "floor (nginx)", "reference": "reference proxy", "mpcapi": "MPC-API"}
-
-
-# --------------------------------------------------------------------------- processes & memory
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of one process, in KiB (empty if it is gone)."""
-    out: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(("VmRSS:", "VmHWM:")):
-                    key, value = line.split(":", 1)
-                    out[key] = int(value.split()[0])
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        pass
-    return out
-
-
-def process_tree(root: int) -> list[int]:
-    """`root` and all of its descendants, found through /proc/<pid>/stat parent ids."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, []))
-    return tree
-
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-    port: int
-    hwm_kib: dict[int, int] = field(default_factory=dict)  # pid -> highest VmHWM seen
-
-    def rss_kib(self) -> int:
-        """Current resident memory of the process and its children."""
-        return sum(proc_status(pid).get("VmRSS", 0) for pid in process_tree(self.popen.pid))
-
-    def sample_peak(self) -> None:
-        for pid in process_tree(self.popen.pid):
-            hwm = proc_status(pid).get("VmHWM", 0)
-            if hwm > self.hwm_kib.get(pid, 0):
-                self.hwm_kib[pid] = hwm
-
-    def peak_kib(self) -> int:
-        """Peak resident memory: each process's own high-water mark, summed over the tree."""
-        self.sample_peak()
-        return sum(self.hwm_kib.values())
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-
-class Supervisor:
-    """Starts processes in their own sessions, polls their memory, and ends them all on exit."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.procs: list[Proc] = []
-        self._stop = threading.Event()
-        self._poller = threading.Thread(target=self._poll, daemon=True)
-        self._poller.start()
-
-    def start(
-        self, name: str, argv: list[str], port: int, env: dict[str, str] | None = None
-    ) -> Proc:
-        log = self.tmp / f"{name}.log"
-        with open(log, "wb") as out:
-            popen = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                env=env,
-                start_new_session=True,
-            )
-        proc = Proc(name, popen, log, port)
-        self.procs.append(proc)
-        return proc
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.25):
-            for proc in list(self.procs):
-                if proc.popen.poll() is None:
-                    proc.sample_peak()
-
-    def stop_all(self) -> None:
-        self._stop.set()
-        for proc in reversed(self.procs):
-            stop_process(proc.popen)
-        self.procs.clear()
-
-
-def stop_process(popen: subprocess.Popen[bytes], grace: float = 5.0) -> None:
-    """SIGTERM the process group we created for `popen`, then SIGKILL whatever is left."""
-    pgid = popen.pid  # start_new_session=True: the child leads its own group
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, sig)
-        try:
-            popen.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        with contextlib.suppress(ProcessLookupError):  # stragglers (e.g. nginx workers)
-            os.killpg(pgid, signal.SIGKILL)
-        return
-
-
-def exit_text(proc: Proc) -> str:
-    code = proc.popen.returncode
-    if code is not None and code < 0:
-        return f"killed by {signal.Signals(-code).name}"
-    return f"exit status {code}"
-
-
-def http_status(url: str, body: bytes | None = None, timeout: float = 2.0) -> tuple[int, bytes]:
-    headers = {"Content-Type": "application/json"} if body is not None else {}
-    req = urllib.request.Request(url, data=body, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return int(resp.status), bytes(resp.read())
-    except urllib.error.HTTPError as err:
-        return int(err.code), bytes(err.read())
-
-
-def wait_ready(proc: Proc, url: str, timeout: float = 30.0) -> None:
-    """Wait until `url` answers 200; fail with the process log if it dies or never does."""
-    deadline = time.monotonic() + timeout
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            raise BenchError(f"{proc.name} did not start: {exit_text(proc)}", proc)
-        try:
-            status, body = http_status(url, timeout=1.0)
-            if status == 200:
-                return
-            last = f"HTTP {status}: {body[:200]!r}"
-        except (OSError, urllib.error.URLError) as err:
-            last = str(err)
-        time.sleep(0.1)
-    raise BenchError(f"{proc.name} not ready at {url} after {timeout:.0f}s ({last})", proc)
-
-
-def smoke_test(proc: Proc, url: str) -> None:
-    """One real chat request before measuring: a target that answers errors is not benchmarked."""
-    try:
-        status, body = http_status(url, CHAT_BODY, timeout=10.0)
-    except OSError as err:
-        raise BenchError(f"{proc.name}: POST {url} failed: {err}", proc) from err
-    if status != 200 or b'"choices"' not in body:
-        raise BenchError(f"{proc.name}: POST {url} -> HTTP {status}: {body[:300]!r}", proc)
-
-
-class BenchError(Exception):
-    def __init__(self, message: str, proc: Proc | None = None) -> None:
-        super().__init__(message)
-        self.proc = proc
 
 
 # --------------------------------------------------------------------------- the three targets
@@ -260,62 +84,7 @@ def start_reference(sup: Supervisor, upstream: int) -> Proc:
     return proc
 
 
-def start_mpcapi(
-    sup: Supervisor,
-    upstream: int,
-    workers: int | None,
-    extra_env: dict[str, str] | None = None,
-    name: str = "mpcapi",
-) -> Proc:
-    port = free_port()
-    env = dict(os.environ)
-    env.update(
-        PORT=str(port),
-        LITELLM_BASE_URL=f"http://127.0.0.1:{upstream}",
-        MPCAPI_ENV="production",
-        MPCAPI_LOG_FORMAT="json",
-    )
-    env.update(extra_env or {})  # --env KEY=VALUE, --policy presets
-    # The working tree's code and plugin, whatever the kind of (editable) install in .venv.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    if workers is not None:
-        env["MPCAPI_WORKERS"] = str(workers)
-    argv = [str(VENV_BIN / "twistd"), "-n", "--pidfile=", "mpcapi"]
-    proc = sup.start(name, argv, port, env)
-    wait_ready(proc, f"http://127.0.0.1:{port}/health")
-    smoke_test(proc, f"http://127.0.0.1:{port}/api/chat/completions")
-    return proc
-
-
 # --------------------------------------------------------------------------- wrk
-
-
-def run_wrk(url: str, connections: int, seconds: float, script: Path = CHAT_LUA) -> dict[str, Any]:
-    threads = 1 if connections < 2 else 2
-    argv = [
-        "wrk",
-        f"-t{threads}",
-        f"-c{connections}",
-        f"-d{max(1, round(seconds))}s",
-        "--timeout=10s",
-        "--latency",
-        f"--script={script}",
-        url,
-    ]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
-    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
-    if done.returncode != 0 or line is None:
-        raise BenchError(f"wrk failed ({done.returncode}): {done.stdout}\n{done.stderr}")
-    result: dict[str, Any] = json.loads(line.removeprefix("BENCH_JSON "))
-    match = re.search(r"Non-2xx or 3xx responses: (\d+)", done.stdout)
-    result["non_2xx"] = int(match.group(1)) if match else 0
-    result["threads"] = threads
-    return result
-
-
-def error_count(result: dict[str, Any]) -> int:
-    socket_errors = sum(v for k, v in result["errors"].items() if k != "status")
-    return int(result["non_2xx"]) + int(socket_errors)
 
 
 # --------------------------------------------------------------------------- reports
@@ -323,10 +92,6 @@ def error_count(result: dict[str, Any]) -> int:
 
 def fmt_us(us: float) -> str:
     return f"{us / 1000:.2f}ms" if abs(us) >= 1000 else f"{us:.0f}us"
-
-
-def fmt_mib(kib: int) -> str:
-    return f"{kib / 1024:.1f} MiB"
 
 
 def print_table(rows: list[dict[str, Any]], ratios: dict[str, dict[str, float]]) -> None:
@@ -360,14 +125,6 @@ def print_table(rows: list[dict[str, Any]], ratios: dict[str, dict[str, float]])
         for name, by_conns in ratios.items():
             joined = ", ".join(f"{c} conns: {v:.2f}" for c, v in by_conns.items())
             print(f"{name}: {joined}")
-
-
-def save(kind: str, data: dict[str, Any]) -> Path:
-    RESULTS.mkdir(exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = RESULTS / f"{stamp}{'' if kind == 'throughput' else '-' + kind}.json"
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    return path
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
@@ -560,76 +317,187 @@ POLICY_RUNS = (
 
 def policy(args: argparse.Namespace, sup: Supervisor) -> int:
     """Rate limits and the response cache on (in memory, in Redis) against off, on the chat
-    route; and a cache hit against a forwarded request. Repeated ``--rounds`` times, the
-    targets alternating, so that noise from the shared CPU shows as spread."""
-    floor = start_floor(sup)
+    route; and a cache hit against a forwarded request."""
     envs = {"off": dict(args.env)}
     for kind in ("memory", "redis"):
         envs[kind] = {**args.env, **policy_env(kind, args.redis_url)}
-    procs = {
-        kind: start_mpcapi(sup, floor.port, args.workers, env, name=f"mpcapi-{kind}")
-        for kind, env in envs.items()
-    }
-    rows: list[dict[str, Any]] = []
     try:
-        for proc in procs.values():
-            url = f"http://127.0.0.1:{proc.port}/api/chat/completions"
-            run_wrk(url, 32, args.warmup, CHAT_UNIQUE_LUA)  # warm-up, not recorded
-        for round_ in range(args.rounds):
-            for label, kind, script in POLICY_RUNS:
-                proc = procs[kind]
-                url = f"http://127.0.0.1:{proc.port}/api/chat/completions"
-                for conns in args.connections:
-                    result = run_wrk(url, conns, args.duration, script)
-                    result.update(label=label, kind=kind, connections=conns, round=round_ + 1)
-                    result["error_count"] = error_count(result)
-                    rows.append(result)
-                    print(
-                        f"   round {round_ + 1} {label:<26} {conns:>4} conns:"
-                        f" {result['rps']:>9,.0f} req/s  p50 {fmt_us(result['p50_us'])}"
-                        f"  p99 {fmt_us(result['p99_us'])}  errors {result['error_count']}",
-                        flush=True,
-                    )
-                    if proc.popen.poll() is not None:
-                        raise BenchError(f"{proc.name} died: {exit_text(proc)}", proc)
+        return compare(
+            args,
+            sup,
+            "policy",
+            envs,
+            POLICY_RUNS,
+            [
+                ("memory: forwarded (miss)", "off: forwarded", "limits+cache in memory / off"),
+                ("redis: forwarded (miss)", "off: forwarded", "limits+cache in Redis / off"),
+                ("memory: cache hit", "memory: forwarded (miss)", "memory: hit / forwarded"),
+                ("redis: cache hit", "redis: forwarded (miss)", "redis: hit / forwarded"),
+                ("memory: cache hit", "off: forwarded", "memory hit / off forwarded"),
+            ],
+            target="limits+cache >= 0.85 of off; a cache hit costs less than a forwarded request",
+        )
     finally:
         clean_redis(args.redis_url, envs["redis"]["MPCAPI_REDIS_PREFIX"])
+
+
+def ledger(args: argparse.Namespace, sup: Supervisor) -> int:
+    """The usage ledger on (SQLite, PostgreSQL) against off, on the chat route; the rows
+    waiting for the database (``mpcapi_usage_queue_rows``) are sampled during every run."""
+    scraped = {**args.env, "MPCAPI_METRICS_PUBLIC": "true"}  # for the queue sampler
+    envs = {
+        "off": {**scraped, "MPCAPI_USAGE_LEDGER": "false"},
+        "sqlite": {**scraped, "MPCAPI_USAGE_LEDGER": "true"},
+    }
+    schema = f"mpcapi_bench_{os.getpid()}"
+    postgres = postgres_schema(args.postgres_url, schema)
+    if postgres is not None:
+        envs["postgresql"] = {**scraped, "MPCAPI_DATABASE_URL": postgres}
+    else:
+        print(f"bench: no PostgreSQL at {args.postgres_url} (or no psql): SQLite only")
+    runs = [(f"{kind}", kind, CHAT_UNIQUE_LUA) for kind in envs]
+    comparisons = [(kind, "off", f"ledger in {kind} / off") for kind in envs if kind != "off"]
+    try:
+        return compare(
+            args,
+            sup,
+            "ledger",
+            envs,
+            runs,
+            comparisons,
+            target="ledger on >= 0.85 of off, and a bounded queue",
+            sample_queue=True,
+        )
+    finally:
+        if postgres is not None:
+            psql(args.postgres_url, f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+def psql(url: str, sql: str) -> bool:
+    cli = shutil.which("psql")
+    if cli is None:
+        return False
+    done = subprocess.run(
+        [cli, url, "-v", "ON_ERROR_STOP=1", "-qc", sql],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    return done.returncode == 0
+
+
+def postgres_schema(url: str, schema: str) -> str | None:
+    """A fresh schema for this run's ledger, and the database URL that uses it (or None)."""
+    if not psql(url, f"CREATE SCHEMA {schema}"):
+        return None
+    joiner = "&" if "?" in url else "?"
+    return f"{url}{joiner}options=-csearch_path%3D{schema}"
+
+
+class QueueSampler:
+    """Reads a daemon's ``mpcapi_usage_queue_rows`` every half second, in a thread."""
+
+    def __init__(self, port: int) -> None:
+        self._url = f"http://127.0.0.1:{port}/metrics"
+        self._stop = threading.Event()
+        self.samples: list[float] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                _, body = http_status(self._url)
+            except OSError:
+                continue
+            for line in body.decode("utf-8", "replace").splitlines():
+                if line.startswith("mpcapi_usage_queue_rows"):
+                    self.samples.append(float(line.split()[-1]))
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        self._thread.join()
+        return max(self.samples) if self.samples else None
+
+
+def compare(
+    args: argparse.Namespace,
+    sup: Supervisor,
+    kind: str,
+    envs: dict[str, dict[str, str]],
+    runs: Sequence[tuple[str, str, Path]],
+    comparisons: Sequence[tuple[str, str, str]],
+    target: str,
+    sample_queue: bool = False,
+) -> int:
+    """Daemons that differ only in ``envs``, measured in turns (``runs``: label, daemon, wrk
+    script) for ``--rounds`` rounds so that noise from the shared CPU shows as spread; then
+    the ratios of the best rounds (``comparisons``: label a, label b, name of a / b). Each
+    run also records the daemon's CPU time per request, which other load disturbs less."""
+    floor = start_floor(sup)
+    procs = {
+        name: start_mpcapi(sup, floor.port, args.workers, env, name=f"mpcapi-{name}")
+        for name, env in envs.items()
+    }
+    rows: list[dict[str, Any]] = []
+    for proc in procs.values():
+        url = f"http://127.0.0.1:{proc.port}/api/chat/completions"
+        run_wrk(url, 32, args.warmup, CHAT_UNIQUE_LUA)  # warm-up, not recorded
+    for round_ in range(args.rounds):
+        for label, name, script in runs:
+            proc = procs[name]
+            url = f"http://127.0.0.1:{proc.port}/api/chat/completions"
+            for conns in args.connections:
+                sampler = QueueSampler(proc.port) if sample_queue else None
+                cpu_before = cpu_seconds(proc.popen.pid)
+                result = run_wrk(url, conns, args.duration, script)
+                cpu = cpu_seconds(proc.popen.pid) - cpu_before
+                result.update(label=label, daemon=name, connections=conns, round=round_ + 1)
+                result["cpu_us_per_request"] = cpu / max(result["requests"], 1) * 1e6
+                result["error_count"] = error_count(result)
+                queue = ""
+                if sampler is not None:
+                    result["max_queue_rows"] = sampler.stop()
+                    queue = f"  queue max {result['max_queue_rows']}"
+                rows.append(result)
+                print(
+                    f"   round {round_ + 1} {label:<26} {conns:>4} conns:"
+                    f" {result['rps']:>9,.0f} req/s  p50 {fmt_us(result['p50_us'])}"
+                    f"  p99 {fmt_us(result['p99_us'])}"
+                    f"  cpu {result['cpu_us_per_request']:,.0f} us/req"
+                    f"  errors {result['error_count']}{queue}",
+                    flush=True,
+                )
+                if proc.popen.poll() is not None:
+                    raise BenchError(f"{proc.name} died: {exit_text(proc)}", proc)
 
     def best(label: str, conns: int, key: str = "rps") -> float:
         values = [r[key] for r in rows if r["label"] == label and r["connections"] == conns]
         return max(values) if key == "rps" else min(values)
 
-    print("\nbest of each (req/s, p50):")
-    for label, _, _ in POLICY_RUNS:
+    print("\nbest of each (req/s, p50, CPU per request):")
+    for label, _, _ in runs:
         cells = [
             f"{c} conns {best(label, c):>8,.0f} req/s {fmt_us(best(label, c, 'p50_us')):>8}"
+            f" {best(label, c, 'cpu_us_per_request'):>6,.0f} us"
             for c in args.connections
         ]
         print(f"  {label:<26} " + " | ".join(cells))
     ratios: dict[str, dict[str, float]] = {}
-    comparisons = [
-        ("memory: forwarded (miss)", "off: forwarded", "limits+cache in memory / off"),
-        ("redis: forwarded (miss)", "off: forwarded", "limits+cache in Redis / off"),
-        ("memory: cache hit", "memory: forwarded (miss)", "memory: hit / forwarded"),
-        ("redis: cache hit", "redis: forwarded (miss)", "redis: hit / forwarded"),
-        ("memory: cache hit", "off: forwarded", "memory hit / off forwarded"),
-    ]
-    print("\nthroughput ratios (best of rounds; target: limits+cache >= 0.85 of off):")
+    print(f"\nratios of the best rounds (target: {target}):")
     for a, b, name in comparisons:
         ratios[name] = {str(c): best(a, c) / best(b, c) for c in args.connections if best(b, c)}
-        joined = ", ".join(f"{c} conns: {v:.2f}" for c, v in ratios[name].items())
-        print(f"  {name}: {joined}")
-    print("\np50 latency ratios (a cache hit should cost less than a forwarded request):")
-    for a, b, name in comparisons[2:4]:
-        values = {
-            str(c): best(a, c, "p50_us") / best(b, c, "p50_us")
+        cpu_name = f"{name}, CPU per request (inverse)"
+        ratios[cpu_name] = {
+            str(c): best(b, c, "cpu_us_per_request") / best(a, c, "cpu_us_per_request")
             for c in args.connections
-            if best(b, c, "p50_us")
+            if best(a, c, "cpu_us_per_request")
         }
-        ratios[name + " (p50)"] = values
-        print(f"  {name}: " + ", ".join(f"{c} conns: {v:.2f}" for c, v in values.items()))
+        for shown in (name, cpu_name):
+            joined = ", ".join(f"{c} conns: {v:.2f}" for c, v in ratios[shown].items())
+            print(f"  {shown}: {joined}")
     data = {
-        "kind": "policy",
+        "kind": kind,
         "started": args.started,
         "duration_s": args.duration,
         "connections": args.connections,
@@ -639,7 +507,7 @@ def policy(args: argparse.Namespace, sup: Supervisor) -> int:
         "results": rows,
         "ratios": ratios,
     }
-    print(f"\nresults: {save('policy', data)}")
+    print(f"\nresults: {save(kind, data)}")
     for r in rows:
         if r["error_count"]:
             print(f"warning: {r['label']} had {r['error_count']} errors at {r['connections']}")
@@ -678,7 +546,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="rate limits + response cache (memory, Redis) vs off, and cache hit vs forwarded",
     )
-    p.add_argument("--rounds", type=int, default=2, help="policy mode: rounds (2)")
+    p.add_argument(
+        "--ledger",
+        action="store_true",
+        help="usage ledger (SQLite, PostgreSQL) vs off, with the queue of rows sampled",
+    )
+    p.add_argument("--rounds", type=int, default=2, help="policy and ledger modes: rounds (2)")
+    p.add_argument(
+        "--postgres-url",
+        default="postgresql://postgres@127.0.0.1:5432/test",
+        help="ledger mode: the PostgreSQL to use (a schema is made and dropped)",
+    )
     p.add_argument(
         "--redis-url", default="redis://127.0.0.1:6379/0", help="policy mode: the Redis to use"
     )
@@ -699,43 +577,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-@contextlib.contextmanager
-def supervised(keep: bool) -> Iterator[Supervisor]:
-    tmp = Path(tempfile.mkdtemp(prefix="mpcapi-bench-"))
-    sup = Supervisor(tmp)
-    ok = False
-    try:
-        yield sup
-        ok = True
-    finally:
-        sup.stop_all()
-        if ok and not keep:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            print(f"logs kept in {tmp}", file=sys.stderr)
-
-
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _terminate)
-    try:
-        with supervised(args.keep_tmp) as sup:
-            if args.policy:
-                return policy(args, sup)
-            return memory(args, sup) if args.memory else throughput(args, sup)
-    except BenchError as err:
-        print(f"\nbench: {err}", file=sys.stderr)
-        if err.proc is not None:
-            print(f"--- last lines of {err.proc.log}:\n{err.proc.log_tail()}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nbench: interrupted", file=sys.stderr)
-        return 130
+
+    def run(sup: Supervisor) -> int:
+        if args.policy:
+            return policy(args, sup)
+        if args.ledger:
+            return ledger(args, sup)
+        return memory(args, sup) if args.memory else throughput(args, sup)
+
+    return guarded(run, args.keep_tmp)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ never sleeps: thousands of streams at once), then `data: [DONE]`. Each chunk car
 `"sent_at"` (the server's `time.time()` just before the write) and `"seq"` (0..N-1), so a
 client can compute how long each event took to reach it. A request may override the defaults
 with a top-level `"stand_in": {"events": 30, "interval_ms": 1000}` (MPC-API passes unknown
-fields through unchanged). Without `"stream": true` it answers one `chat.completion`.
+fields through unchanged). Without `"stream": true` it answers one `chat.completion`. With
+`--models`, a model not in the list gets LiteLLM's 400 "Invalid model name" error.
 
 The main port counts its connections and streams; `GET /stats` on the control port (which is
 not counted) reports them, `POST /stats/reset` sets the peaks to the current values. Only
@@ -199,11 +200,14 @@ def _json(request: server.Request, status: int, document: Any) -> bytes:
 class ChatCompletions(Resource):
     isLeaf = True
 
-    def __init__(self, stats: Stats, events: int, interval_ms: float) -> None:
+    def __init__(
+        self, stats: Stats, events: int, interval_ms: float, models: frozenset[str] = frozenset()
+    ) -> None:
         super().__init__()
         self._stats = stats
         self._events = events
         self._interval_ms = interval_ms
+        self._models = models
 
     def render_POST(self, request: server.Request) -> bytes | int:
         try:
@@ -215,12 +219,25 @@ class ChatCompletions(Resource):
         except (ValueError, TypeError, AttributeError) as err:
             message = {"message": f"bad request: {err}", "type": "invalid_request_error"}
             return _json(request, 400, {"error": message})
+        if self._models and model not in self._models:
+            return _json(request, 400, unknown_model(model))
         if body.get("stream") is not True:
             return _json(request, 200, completion(model))
         request.setHeader(b"content-type", b"text/event-stream")
         request.setHeader(b"cache-control", b"no-cache")
         ChunkStream(request, self._stats, events, interval, model).start()
         return server.NOT_DONE_YET
+
+
+def unknown_model(model: str) -> dict[str, Any]:
+    """LiteLLM's answer to a model it does not serve (400, its error shape)."""
+    message = (
+        f"Invalid model name passed in model={model}. "
+        "Call `/v1/models` to view available models for your key."
+    )
+    return {
+        "error": {"message": message, "type": "invalid_request_error", "param": None, "code": "400"}
+    }
 
 
 def completion(model: str) -> dict[str, Any]:
@@ -261,10 +278,13 @@ class StatsResource(Resource):
         return _json(request, 200, self._stats.as_dict())
 
 
-def build_root(stats: Stats, events: int, interval_ms: float) -> Resource:
+def build_root(
+    stats: Stats, events: int, interval_ms: float, served: frozenset[str] = frozenset()
+) -> Resource:
     root = Resource()
     root.putChild(b"chat", Resource())
-    root.children[b"chat"].putChild(b"completions", ChatCompletions(stats, events, interval_ms))
+    completions = ChatCompletions(stats, events, interval_ms, served)
+    root.children[b"chat"].putChild(b"completions", completions)
     models = {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "bench"}]}
     root.putChild(b"models", Static(models))
     health = Resource()
@@ -289,7 +309,13 @@ def main() -> None:
     p.add_argument("--events", type=int, default=20, help="chunks per stream (20)")
     p.add_argument("--interval-ms", type=float, default=100.0, help="ms between chunks (100)")
     p.add_argument("--backlog", type=int, default=4096, help="listen backlog (4096)")
+    p.add_argument(
+        "--models",
+        default="",
+        help="comma-separated models it serves; any other gets LiteLLM's 400 (default: any)",
+    )
     args = p.parse_args()
+    models = frozenset(m.strip() for m in args.models.split(",") if m.strip())
     raise_nofile_limit()
     # Only warnings and errors reach the log: bench/streams.py counts them as errors.
     only_problems = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
@@ -298,7 +324,7 @@ def main() -> None:
         redirectStandardIO=False,
     )
     stats = Stats()
-    root = build_root(stats, args.events, args.interval_ms)
+    root = build_root(stats, args.events, args.interval_ms, models)
     reactor.listenTCP(
         args.port, CountingSite(root, stats), backlog=args.backlog, interface=args.host
     )

@@ -11,8 +11,8 @@ process (Twisted Agent, one TCP connection per stream):
    together), counting the streams open at the client and the connections at the stand-in,
    sampling MPC-API's memory and file descriptors while they are all open.
 
-Prints a table and writes `bench/results/<timestamp>-streams.json`. Reuses the process handling
-of bench/harness.py. Run: `.venv/bin/python bench/streams.py` (or `bench/run --streams`).
+Prints a table and writes `bench/results/<timestamp>-streams.json`. Its process handling is
+bench/common.py's. Run: `.venv/bin/python bench/streams.py` (or `bench/run --streams`).
 """
 
 from __future__ import annotations
@@ -23,32 +23,35 @@ import json
 import math
 import os
 import platform
-import resource
 import signal
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import treq
-from harness import (
-    VENV_BIN,
+from common import (
+    STOP_SIGNALS,
     BenchError,
     Proc,
+    RunFailed,
     Supervisor,
     exit_text,
+    fd_count,
     fmt_mib,
-    free_port,
+    guarded,
+    mpcapi_log_summary,
+    nofile_of,
+    print_rows,
     proc_status,
+    raise_nofile_limit,
     save,
     start_mpcapi,
-    supervised,
-    wait_ready,
+    start_standin,
 )
 from twisted.copyright import version as twisted_version
 from twisted.internet import reactor as _reactor
@@ -73,13 +76,10 @@ from mpcapi.upstream import BytesProducer
 
 reactor: Any = _reactor
 
-BENCH = Path(__file__).resolve().parent
-STANDIN = BENCH / "stream_standin.py"
 NOFILE_WANTED = 65536
 RSS_TARGET_BYTES = 150 * 1000 * 1000  # 150 MB
 ADDED_P99_TARGET_S = 0.001  # 1 ms per event
 JSON_HEADERS = {b"content-type": [b"application/json"]}
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 # --------------------------------------------------------------------------- client side
@@ -414,13 +414,6 @@ def listen_backlog(port: int) -> int | None:
         return None
 
 
-def fd_count(pid: int) -> int:
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return -1
-
-
 async def open_phase(args: argparse.Namespace, client: Client, targets: Targets) -> dict[str, Any]:
     n, pid = args.open_streams, targets.mpcapi_pid
     stats_url = targets.control + b"/stats"
@@ -555,78 +548,6 @@ async def measure(args: argparse.Namespace, targets: Targets) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def raise_nofile_limit(wanted: int) -> tuple[int, int]:
-    """Raise this process's RLIMIT_NOFILE (the children inherit it); return the new limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < wanted:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, max(hard, wanted)))
-        except (ValueError, OSError):  # not allowed to raise the hard limit: go as far as it
-            with contextlib.suppress(ValueError, OSError):
-                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
-def nofile_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/limits") as f:
-            for line in f:
-                if line.startswith("Max open files"):
-                    return int(line.split()[3])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def start_standin(sup: Supervisor, args: argparse.Namespace) -> tuple[Proc, int]:
-    port, control = free_port(), free_port()
-    argv = [
-        str(VENV_BIN / "python"),
-        str(STANDIN),
-        f"--port={port}",
-        f"--control-port={control}",
-        f"--events={args.events}",
-        f"--interval-ms={args.interval_ms}",
-    ]
-    proc = sup.start("standin", argv, port)
-    wait_ready(proc, f"http://127.0.0.1:{control}/health/liveliness")
-    return proc, control
-
-
-def mpcapi_log_summary(proc: Proc) -> dict[str, Any]:
-    """Outcomes and statuses of MPC-API's request log lines, and its error events."""
-    outcomes: Counter[str] = Counter()
-    statuses: Counter[str] = Counter()
-    levels: Counter[str] = Counter()
-    problems: list[str] = []
-    try:
-        lines = proc.log.read_text(errors="replace").splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            if line.strip():
-                problems.append(line[:300])
-            continue
-        level = str(record.get("level", "?"))
-        levels[level] += 1
-        if level in ("warn", "error", "critical"):
-            problems.append(str(record.get("message", line))[:300])
-        if record.get("namespace") == "mpcapi.request" and "outcome" in record:
-            outcomes[str(record["outcome"])] += 1
-            statuses[str(record.get("status"))] += 1
-    return {
-        "lines": len(lines),
-        "levels": dict(levels),
-        "outcomes": dict(outcomes),
-        "statuses": dict(statuses),
-        "problems": problems[:20],
-        "problem_count": len(problems),
-    }
 
 
 def standin_log_problems(proc: Proc) -> list[str]:
@@ -839,15 +760,6 @@ def print_report(data: dict[str, Any]) -> None:
         print(f"  {count} x {line}")
 
 
-def print_rows(rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for n, row in enumerate(rows):
-        pairs = enumerate(zip(row, widths, strict=True))
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs))
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
-
-
 def environment() -> dict[str, Any]:
     return {
         "cpus": os.cpu_count(),
@@ -896,18 +808,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-class RunHadErrors(Exception):  # noqa: N818 (a signal, not an error)
-    """The run finished with errors: leave the process logs for a look."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, _terminate)
     begun = time.monotonic()
     soft, _ = raise_nofile_limit(NOFILE_WANTED)
     needed = 2 * args.open_streams + 256  # MPC-API: one client and one upstream socket each
@@ -923,77 +825,71 @@ def main(argv: list[str]) -> int:
         ],
         redirectStandardIO=False,
     )
-    try:
-        with supervised(args.keep_tmp) as sup:
-            standin, control = start_standin(sup, args)
-            mpcapi = start_mpcapi(sup, standin.port, None)
-            pool = os.environ.get("MPCAPI_POOL_SIZE", "256 (default)")
-            targets = Targets(
-                direct=f"http://127.0.0.1:{standin.port}/chat/completions".encode(),
-                mpcapi=f"http://127.0.0.1:{mpcapi.port}/api/chat/completions".encode(),
-                control=f"http://127.0.0.1:{control}".encode(),
-                mpcapi_pid=mpcapi.popen.pid,
-                mpcapi_port=mpcapi.port,
-            )
-            limits = {
-                "client": soft,
-                "standin": nofile_of(standin.popen.pid),
-                "mpcapi": nofile_of(mpcapi.popen.pid),
-            }
-            print(
-                f"== stand-in on :{standin.port}, MPC-API on :{mpcapi.port} (pid"
-                f" {mpcapi.popen.pid}); RLIMIT_NOFILE {limits}",
-                flush=True,
-            )
-            budget = args.max_seconds - (time.monotonic() - begun)
-            results = run_reactor(lambda: Deferred.fromCoroutine(measure(args, targets)), budget)
-            for proc in (standin, mpcapi):
-                if proc.popen.poll() is not None:
-                    raise BenchError(f"{proc.name} died during the run: {exit_text(proc)}", proc)
-            data: dict[str, Any] = {
-                "kind": "streams",
-                "started": args.started,
-                "seconds": round(time.monotonic() - begun, 1),
-                "environment": environment(),
-                "config": {
-                    "concurrency": args.concurrency,
-                    "events": args.events,
-                    "interval_ms": args.interval_ms,
-                    "rounds": args.rounds,
-                    "stagger": args.stagger,
-                    "open_streams": args.open_streams,
-                    "open_events": args.open_events,
-                    "open_interval_ms": args.open_interval_ms,
-                    "ramp_s": args.ramp,
-                    "pool": pool,
-                    "nofile": limits,
-                    "mpcapi_command": "twistd -n --pidfile= mpcapi",
-                },
-                **results,
-                "peak_rss_kib": {"standin": standin.peak_kib(), "mpcapi": mpcapi.peak_kib()},
-                "mpcapi_log": mpcapi_log_summary(mpcapi),
-                "standin_log_problems": standin_log_problems(standin),
-            }
-            errors = all_errors(data)
-            # (the MPC-API log keeps its first 20 problems; problem_count has them all)
-            hidden = data["mpcapi_log"]["problem_count"] - len(data["mpcapi_log"]["problems"])
-            data["error_count"] = len(errors) + hidden
-            data["errors"] = errors[:200]
-            print_report(data)
-            print(f"\nresults: {save('streams', data)} ({data['seconds']} s)")
-            if data["error_count"]:
-                raise RunHadErrors()  # through `supervised`, which then keeps the process logs
-            return 0
-    except RunHadErrors:
-        return 1
-    except BenchError as err:
-        print(f"\nbench: {err}", file=sys.stderr)
-        if err.proc is not None:
-            print(f"--- last lines of {err.proc.log}:\n{err.proc.log_tail()}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nbench: interrupted", file=sys.stderr)
-        return 130
+
+    def run(sup: Supervisor) -> int:
+        standin, control = start_standin(
+            sup, f"--events={args.events}", f"--interval-ms={args.interval_ms}"
+        )
+        mpcapi = start_mpcapi(sup, standin.port, None)
+        pool = os.environ.get("MPCAPI_POOL_SIZE", "256 (default)")
+        targets = Targets(
+            direct=f"http://127.0.0.1:{standin.port}/chat/completions".encode(),
+            mpcapi=f"http://127.0.0.1:{mpcapi.port}/api/chat/completions".encode(),
+            control=f"http://127.0.0.1:{control}".encode(),
+            mpcapi_pid=mpcapi.popen.pid,
+            mpcapi_port=mpcapi.port,
+        )
+        limits = {
+            "client": soft,
+            "standin": nofile_of(standin.popen.pid),
+            "mpcapi": nofile_of(mpcapi.popen.pid),
+        }
+        print(
+            f"== stand-in on :{standin.port}, MPC-API on :{mpcapi.port} (pid"
+            f" {mpcapi.popen.pid}); RLIMIT_NOFILE {limits}",
+            flush=True,
+        )
+        budget = args.max_seconds - (time.monotonic() - begun)
+        results = run_reactor(lambda: Deferred.fromCoroutine(measure(args, targets)), budget)
+        for proc in (standin, mpcapi):
+            if proc.popen.poll() is not None:
+                raise BenchError(f"{proc.name} died during the run: {exit_text(proc)}", proc)
+        data: dict[str, Any] = {
+            "kind": "streams",
+            "started": args.started,
+            "seconds": round(time.monotonic() - begun, 1),
+            "environment": environment(),
+            "config": {
+                "concurrency": args.concurrency,
+                "events": args.events,
+                "interval_ms": args.interval_ms,
+                "rounds": args.rounds,
+                "stagger": args.stagger,
+                "open_streams": args.open_streams,
+                "open_events": args.open_events,
+                "open_interval_ms": args.open_interval_ms,
+                "ramp_s": args.ramp,
+                "pool": pool,
+                "nofile": limits,
+                "mpcapi_command": "twistd -n --pidfile= mpcapi",
+            },
+            **results,
+            "peak_rss_kib": {"standin": standin.peak_kib(), "mpcapi": mpcapi.peak_kib()},
+            "mpcapi_log": mpcapi_log_summary(mpcapi),
+            "standin_log_problems": standin_log_problems(standin),
+        }
+        errors = all_errors(data)
+        # (the MPC-API log keeps its first 20 problems; problem_count has them all)
+        hidden = data["mpcapi_log"]["problem_count"] - len(data["mpcapi_log"]["problems"])
+        data["error_count"] = len(errors) + hidden
+        data["errors"] = errors[:200]
+        print_report(data)
+        print(f"\nresults: {save('streams', data)} ({data['seconds']} s)")
+        if data["error_count"]:
+            raise RunFailed()  # through `supervised`, which then keeps the process logs
+        return 0
+
+    return guarded(run, args.keep_tmp)
 
 
 if __name__ == "__main__":

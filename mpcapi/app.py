@@ -7,7 +7,6 @@ that assume an OpenAI-style base URL).
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -50,6 +49,7 @@ from mpcapi.redisclient import RedisClient
 from mpcapi.requestlog import RequestLogging, record_of
 from mpcapi.settings import Settings
 from mpcapi.streaming import SSE_HEADERS, SSERelay
+from mpcapi.timestamps import iso_millis
 from mpcapi.upstream import LiteLLMClient, check_upstream_status, relayed_headers
 from mpcapi.usage import usage_of_answer
 from mpcapi.validation import RequestValidator
@@ -59,13 +59,6 @@ log = Logger(namespace="mpcapi.app")
 
 # The seed's base URL is /api; /v1 serves clients that assume an OpenAI-style base URL.
 PREFIX = "/<any(api, v1):prefix>"
-LITELLM_LIVENESS_PATH = "/health/liveliness"
-
-
-def iso_timestamp(seconds: float) -> str:
-    """ISO-8601 UTC with milliseconds and a Z, as the seed's /health shows."""
-    moment = datetime.fromtimestamp(seconds, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 def _json(request: Request, status: int, document: Any) -> bytes:
@@ -100,12 +93,17 @@ class Gateway:
         self.websockets = WebSocketEndpoint(settings, upstream, clock, self.validator)
         self.websockets.keys = keys
         if ledger is not None:  # WebSocket requests have their rows too
+            ledger.report_queue = self.metrics.usage_queue.set
             self.websockets.observers.append(ledger.observe)
             self.websockets.check_budget = ledger.check_budget
+            self.websockets.counts_usage = True
         # Rate limits and the response cache, in Redis when redis_url is set (see limits, cache).
         self.redis = RedisClient.from_settings(settings, clock)
         self.limiter = RateLimiter.from_settings(settings, clock, self.redis)
         self.cache = ResponseCache.from_settings(settings, clock, self.redis)
+        # WebSocket messages go through the same limits and cache as HTTP requests.
+        self.websockets.limiter, self.websockets.cache = self.limiter, self.cache
+        self.websockets.observers.append(self.limiter.count_tokens)
         # GET /openapi.json: built once, from the routes above and the validator's schemas.
         self.openapi = document_bytes(self.app.url_map, settings)
 
@@ -129,7 +127,7 @@ class Gateway:
             {
                 "status": "ok",
                 "service": "mpc-api",
-                "timestamp": iso_timestamp(self.clock.seconds()),
+                "timestamp": iso_millis(self.clock.seconds()),
                 "litellm_url": self.settings.litellm_base_url,
                 "version": __version__,
             },
@@ -137,27 +135,28 @@ class Gateway:
 
     @app.route("/health/ready", methods=["GET"])
     async def ready(self, request: Request) -> bytes:
+        """Probe every LiteLLM instance at once; ready when at least one is healthy."""
         started = self.clock.seconds()
+        await self.upstream.probe_all(record_of(request).request_id)
+        balancer = self.upstream.balancer
+        ok = balancer.ready
+        # "litellm" keeps the shape of the days of one instance; "upstreams" has each one.
         check: dict[str, Any] = {"url": self.settings.litellm_base_url}
-        try:
-            response = await self.upstream.send(
-                "GET",
-                LITELLM_LIVENESS_PATH,
-                request_id=record_of(request).request_id,
-                timeout=self.settings.ready_timeout,
-            )
-            await self.upstream.read_body(response)
-            check["status"] = response.code
-            ok = response.code == 200
-            if not ok:
-                check["error"] = f"liveness probe answered {response.code}"
-        except ApiError as error:
-            ok, check["error"] = False, error.message
+        answered = [u for u in balancer.instances if u.healthy] or balancer.instances
+        if answered[0].status is not None:
+            check["status"] = answered[0].status
+        if not ok:
+            check["error"] = "; ".join(str(u.error) for u in balancer.instances)
         check["latency_ms"] = round((self.clock.seconds() - started) * 1000, 2)
         return _json(
             request,
             200 if ok else 503,
-            {"status": "ready" if ok else "unavailable", "service": "mpc-api", "litellm": check},
+            {
+                "status": "ready" if ok else "unavailable",
+                "service": "mpc-api",
+                "litellm": check,
+                "upstreams": balancer.report(),
+            },
         )
 
     @app.route("/openapi.json", methods=["GET"])
@@ -327,7 +326,7 @@ class Gateway:
             response.code,
             answer,
             our_key=bool(self.settings.litellm_api_key),
-            base_url=self.settings.litellm_base_url,
+            base_url=self.upstream.source(response),
         )
 
     @staticmethod

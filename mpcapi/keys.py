@@ -200,6 +200,11 @@ class KeyAuthenticator:
             raise unauthorized(f"client key {key.id} has been revoked")
         return key
 
+    def forget(self) -> None:
+        """Drop every cached key (a configuration reload): the next use reads the database."""
+        self._known.clear()
+        self._unknown.clear()
+
     async def _lookup(self, key_hash: str) -> ClientKey | None:
         now = self.clock.seconds()
         cached = self._known.get(key_hash)

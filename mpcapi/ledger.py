@@ -482,6 +482,8 @@ class UsageLedger(Service):
         self.idle = idle
         self._stop_wait = stop_wait
         self.queue: list[dict[str, Any]] = []
+        # Told the rows waiting every FLUSH_EVERY s (the mpcapi_usage_queue_rows gauge).
+        self.report_queue: Callable[[int], None] = lambda rows: None
         self.database_up = True
         self.dropped = 0  # rows lost because neither the database nor the spool file took them
         self._bodies: dict[str, tuple[bytes | None, bytes | None]] = {}
@@ -774,6 +776,7 @@ class UsageLedger(Service):
         )
 
     def _tick(self) -> None:
+        self.report_queue(len(self.queue) + len(self._to_spool))
         if self.queue or self.spooled:
             self.flush()
 

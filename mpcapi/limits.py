@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -28,6 +28,9 @@ from mpcapi.errors import ApiError
 from mpcapi.redisclient import RedisClient, RedisUnavailableError
 from mpcapi.requestlog import RequestRecord, record_of
 from mpcapi.settings import Settings
+
+if TYPE_CHECKING:
+    from mpcapi.keys import ClientKey
 
 log = Logger(namespace="mpcapi.limits")
 
@@ -313,7 +316,10 @@ class RateLimiter:
         self.refused = 0  # for metrics: requests answered 429
 
     def limits_for(self, record: RequestRecord) -> tuple[int, int]:
-        key = record.client_key  # None when auth is off
+        return self.limits_of(record.client_key)
+
+    def limits_of(self, key: ClientKey | None) -> tuple[int, int]:
+        """The (rpm, tpm) of ``key``'s requests (None when auth is off); 0: no limit."""
         rpm = key.rpm if key is not None else None
         tpm = key.tpm if key is not None else None
         return (
@@ -328,20 +334,35 @@ class RateLimiter:
         if not rpm and not tpm:
             return
         identity = identity_of(record.key_id, _client_address(request))
+        try:
+            headers = await self._decide(identity, rpm, tpm)
+        except ApiError:
+            record.rate_limited = True
+            raise
+        for name, value in headers.items():
+            request.setHeader(name.encode("ascii"), value.encode("ascii"))
+
+    async def admit(self, key: ClientKey | None, client: str | None) -> dict[str, str]:
+        """``check`` without an HTTP request (the WebSocket's messages): count one request
+        of ``key`` (None when auth is off) from the address ``client``. Returns the
+        ``x-ratelimit-*`` headers; raises a 429 ``ApiError`` when over a limit."""
+        rpm, tpm = self.limits_of(key)
+        if not rpm and not tpm:
+            return {}
+        return await self._decide(identity_of(key.id if key else None, client), rpm, tpm)
+
+    async def _decide(self, identity: str, rpm: int, tpm: int) -> dict[str, str]:
         if tpm and tpm != self.default_tpm:
             self._own_tpm.add(identity)
         try:
             counts = await self.windows.admit(identity, rpm, tpm)
         except RedisUnavailableError:
-            return  # fail open: served without a limit while Redis is away
+            return {}  # fail open: served without a limit while Redis is away
         headers = limit_headers(rpm, tpm, counts)
-        for name, value in headers.items():
-            request.setHeader(name.encode("ascii"), value.encode("ascii"))
         if counts.allowed:
-            return
+            return headers
         self.refused += 1
-        record.rate_limited = True
-        raise self._refusal(rpm, tpm, counts, headers)
+        raise self._refusal(rpm, tpm, counts, headers)  # its headers carry the trio too
 
     @staticmethod
     def _refusal(rpm: int, tpm: int, counts: Counts, headers: dict[str, str]) -> ApiError:

@@ -105,3 +105,28 @@ def observer_for(log_format: str, worker: str | None, out: IO[str]) -> ILogObser
     if worker is not None:
         return WorkerTextObserver(out, worker)
     return None
+
+
+@implementer(ILogObserver)
+class LogSwitch:
+    """The daemon's log observer, whose format a configuration reload can change.
+
+    Text in one process is what ``twistd -n`` itself writes (Twisted's format on stdout).
+    """
+
+    def __init__(self, log_format: str, worker: str | None, out: IO[str]) -> None:
+        self._worker = worker
+        self._out = out
+        self.log_format = ""
+        self._observer: ILogObserver = textFileLogObserver(out)
+        self.use(log_format)
+
+    def use(self, log_format: str) -> None:
+        """Write every event in ``log_format`` from now on."""
+        if log_format != self.log_format:
+            observer = observer_for(log_format, self._worker, self._out)
+            self._observer = observer or textFileLogObserver(self._out)
+            self.log_format = log_format
+
+    def __call__(self, event: LogEvent) -> None:
+        self._observer(event)

@@ -370,6 +370,12 @@ class Metrics:
         self.ratelimited = Counter(
             "mpcapi_ratelimited", "Requests refused by a rate limit", registry=r
         )
+        self.usage_queue = Gauge(
+            "mpcapi_usage_queue_rows",
+            "Usage rows waiting for the database (read once per second)",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self.upstream_errors = Counter(
             "mpcapi_upstream_errors",
             "Requests LiteLLM failed: unreachable, timeout, status_5xx, key_refused, broken",

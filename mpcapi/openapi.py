@@ -117,12 +117,32 @@ _READY_SCHEMA: dict[str, Any] = {
         "service": {"const": "mpc-api"},
         "litellm": {
             "type": "object",
+            "description": "The whole of LITELLM_BASE_URL: every instance's probe in one.",
             "required": ["url", "latency_ms"],
             "properties": {
                 "url": {"type": "string"},
                 "status": {"type": "integer"},
                 "error": {"type": "string"},
                 "latency_ms": {"type": "number"},
+            },
+        },
+        "upstreams": {
+            "type": "array",
+            "description": "Each LiteLLM instance of LITELLM_BASE_URL, probed just now.",
+            "items": {
+                "type": "object",
+                "required": ["url", "status", "healthy", "in_flight", "latency_ms", "error"],
+                "properties": {
+                    "url": {"type": "string"},
+                    "status": {
+                        "type": ["integer", "null"],
+                        "description": "HTTP status of its liveness probe; null: no answer",
+                    },
+                    "healthy": {"type": "boolean"},
+                    "in_flight": {"type": "integer", "minimum": 0},
+                    "latency_ms": {"type": ["number", "null"]},
+                    "error": {"type": ["string", "null"]},
+                },
             },
         },
     },
@@ -286,8 +306,9 @@ class _Describer:
     def _ready(self, path: str) -> dict[str, Any]:
         return _operation(
             "Readiness",
-            "200 when LiteLLM answers its liveness probe within `MPCAPI_READY_TIMEOUT`, "
-            "else 503 with what failed (for orchestrators).",
+            "200 when LiteLLM (at least one instance of `LITELLM_BASE_URL`) answers its "
+            "liveness probe within `MPCAPI_READY_TIMEOUT`, else 503 with what failed "
+            "(for orchestrators).",
             {
                 "200": _success("Ready", _json_content(_ref("schemas", "Ready"))),
                 "503": _success(

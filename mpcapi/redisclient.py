@@ -149,8 +149,10 @@ class RedisClient:
         return await self._call("eval", script, list(keys), list(args))
 
     async def get(self, key: str) -> bytes | None:
-        value = await self._call("get", key)
-        return value if isinstance(value, bytes) or value is None else str(value).encode()
+        return _bytes(await self._call("get", key))
+
+    async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
+        return [_bytes(value) for value in await self._call("mget", list(keys))]
 
     async def set(self, key: str, value: bytes, expire: int) -> None:
         await self._call("set", key, value, expire=expire)
@@ -205,6 +207,10 @@ class RedisClient:
         if address.path is not None:
             return f"unix://{address.path}"
         return f"redis://{address.host}:{address.port}/{address.db or 0}"
+
+
+def _bytes(value: Any) -> bytes | None:
+    return value if isinstance(value, bytes) or value is None else str(value).encode()
 
 
 def _describe(error: Exception) -> str:

@@ -72,6 +72,17 @@ def _url(raw: Any) -> str:
     return text.rstrip("/")
 
 
+def _urls(raw: Any) -> str:
+    """One URL, or several separated by commas (LiteLLM instances sharing the load)."""
+    parts = [part for part in str(raw).split(",") if part.strip()]
+    if not parts:
+        raise ValueError("must name at least one URL")
+    urls = [_url(part) for part in parts]
+    if len(set(urls)) != len(urls):
+        raise ValueError(f"{str(raw).strip()!r} names a URL twice")
+    return ",".join(urls)
+
+
 def _text(raw: Any) -> str:
     return str(raw).strip()
 
@@ -172,8 +183,9 @@ SETTINGS: tuple[Setting, ...] = (
         "litellm_base_url",
         ("LITELLM_BASE_URL",),
         "http://litellm:4000",
-        _url,
-        "base URL of the LiteLLM Gateway (a path prefix is kept)",
+        _urls,
+        "base URL of the LiteLLM Gateway (a path prefix is kept); several, comma-separated: "
+        "requests go to the least busy healthy one",
     ),
     Setting(
         "litellm_api_key",
@@ -203,6 +215,13 @@ SETTINGS: tuple[Setting, ...] = (
         2.0,
         _positive_seconds,
         "seconds LiteLLM's liveness probe may take before /health/ready says 503",
+    ),
+    Setting(
+        "upstream_probe_seconds",
+        ("MPCAPI_UPSTREAM_PROBE_SECONDS",),
+        5.0,
+        _positive_seconds,
+        "with several LiteLLM base URLs, seconds between liveness probes of each instance",
     ),
     Setting(
         "pool_size",
@@ -398,6 +417,7 @@ class Settings:
     litellm_timeout: float = 600.0
     connect_timeout: float = 10.0
     ready_timeout: float = 2.0
+    upstream_probe_seconds: float = 5.0
     pool_size: int = 256
     max_body_bytes: int = 32 * 1024 * 1024
     read_timeout: float = 30.0
@@ -426,6 +446,11 @@ class Settings:
     config_file: str = ""
 
     @property
+    def litellm_base_urls(self) -> list[str]:
+        """The LiteLLM instances of ``litellm_base_url``."""
+        return self.litellm_base_url.split(",")
+
+    @property
     def listen_endpoint(self) -> str:
         host = self.host.replace(":", "\\:")
         return f"tcp:port={self.port}:interface={host}:backlog={LISTEN_BACKLOG}"
@@ -437,6 +462,7 @@ class Settings:
             if setting.secret and values[setting.name]:
                 values[setting.name] = "***"
         values["database_url"] = _without_password(self.database_url)
+        values["redis_url"] = _without_password(self.redis_url)
         return values
 
 

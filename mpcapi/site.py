@@ -3,8 +3,9 @@
 Twisted reads a whole request body before handing the request to a resource. A
 ``LimitedRequest`` answers 413 as soon as the announced ``Content-Length`` (or the
 running count of a chunked body) passes the limit, and drops the rest unread; and 408
-when headers and body take longer than the read timeout. ``ConnectionCap`` bounds the
-open connections.
+when headers and body take longer than the read timeout. ``GatewayChannel`` answers a
+request that is not valid HTTP/1.1 (Twisted's bare 400) in the seed's error shape too.
+``ConnectionCap`` bounds the open connections.
 """
 
 from __future__ import annotations
@@ -16,16 +17,24 @@ from typing import Any
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.resource import IResource
 
-from mpcapi.errors import ApiError, payload_too_large, request_timeout
+from mpcapi.errors import (
+    JSON_CONTENT_TYPE,
+    ApiError,
+    bad_request,
+    payload_too_large,
+    request_timeout,
+)
+from mpcapi.headers import SECURITY_HEADERS
 from mpcapi.requestlog import REQUEST_FORMAT, request_id_for
 
 log = Logger(namespace="mpcapi.request")
 
 # Lingering close: how long we keep draining a refused body so the client reads our 413.
 _DRAIN_SECONDS = 2
+_ANSWERED = "_mpcapi_answered"  # set on a channel once refuse_connection answered on it
 
 
 class LimitedRequest(server.Request):
@@ -83,42 +92,83 @@ class LimitedRequest(server.Request):
         self._refused = True
         self._stop_read_timer()
         self.requestHeaders.removeHeader(b"expect")  # no "100 Continue" after our answer
-        request_id = request_id_for(self)
-        body = error.body(request_id)
-        head = (
-            b"HTTP/1.1 %d %s\r\n"
-            b"content-type: application/json\r\n"
-            b"content-length: %d\r\n"
-            b"x-request-id: %s\r\n"
-            b"connection: close\r\n\r\n"
-        ) % (
-            error.status,
-            HTTPStatus(error.status).phrase.encode("ascii"),
-            len(body),
-            request_id.encode("ascii"),
-        )
-        channel: Any = self.channel
-        channel.transport.write(head + body)
-        channel.persistent = False
-        channel.dataReceived = _discard
-        channel.setTimeout(_DRAIN_SECONDS)
-        channel.transport.loseWriteConnection()
-        log.info(
-            REQUEST_FORMAT,
-            method=getattr(channel, "_command", b"").decode("ascii", "replace"),
-            path=getattr(channel, "_path", b"").decode("utf-8", "replace"),
-            status=error.status,
-            duration_ms=0,
-            request_id=request_id,
-            model=None,
-            upstream_status=None,
-            bytes_sent=len(body),
-            outcome="refused",
-        )
+        refuse_connection(self.channel, error, request_id_for(self))
+
+
+def error_response(error: ApiError, request_id: str) -> bytes:
+    """A whole HTTP/1.1 answer for ``error``, for when no Request renders it: the seed's
+    JSON body, its length, the request id, the security headers, ``connection: close``."""
+    body = error.body(request_id)
+    headers = {
+        b"content-type": JSON_CONTENT_TYPE,
+        b"content-length": b"%d" % len(body),
+        b"x-request-id": request_id.encode("ascii"),
+        **SECURITY_HEADERS,
+        **{
+            name.lower().encode("ascii"): value.encode("latin-1")
+            for name, value in error.headers.items()
+        },
+        b"connection": b"close",
+    }
+    status = b"HTTP/1.1 %d %s\r\n" % (error.status, HTTPStatus(error.status).phrase.encode("ascii"))
+    return status + b"".join(b"%s: %s\r\n" % item for item in headers.items()) + b"\r\n" + body
+
+
+def refuse_connection(channel: Any, error: ApiError, request_id: str) -> None:
+    """Answer ``error`` straight on ``channel``'s transport, once, then drain what the client
+    still sends for a moment and close the connection; log it like a request."""
+    if getattr(channel, _ANSWERED, False):
+        return
+    setattr(channel, _ANSWERED, True)
+    answer = error_response(error, request_id)
+    channel.transport.write(answer)
+    channel.persistent = False
+    channel._buffer = b""  # nothing the client sent after this is parsed
+    channel.dataReceived = _discard
+    channel.setTimeout(_DRAIN_SECONDS)
+    channel.transport.loseWriteConnection()
+    log.info(
+        REQUEST_FORMAT,
+        method=getattr(channel, "_command", b"").decode("ascii", "replace"),
+        path=getattr(channel, "_path", b"").decode("utf-8", "replace"),
+        status=error.status,
+        duration_ms=0,
+        request_id=request_id,
+        model=None,
+        upstream_status=None,
+        bytes_sent=len(answer),
+        outcome="refused",
+    )
 
 
 def _discard(data: bytes) -> None:
     """Reads and forgets what a refused client is still sending."""
+
+
+class GatewayChannel(http.HTTPChannel):
+    """Twisted's HTTP/1.1 connection; a request that is not valid HTTP (request line,
+    header block, chunked framing, ``Content-Length``) gets a 400 in the seed's shape."""
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's own: a bare "400 Bad Request", no body, no request id.
+        self._refuse(bad_request("the request is not valid HTTP/1.1"))
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # Twisted's own: the connection closes without an answer.
+        limit = self.MAX_LENGTH
+        self._refuse(bad_request(f"a request line or header is longer than {limit} bytes"))
+
+    def _refuse(self, error: ApiError) -> None:
+        request = self.requests[-1] if self.requests else None
+        if isinstance(request, LimitedRequest):  # its read timer stops; its x-request-id
+            request._refuse(error)
+        else:
+            refuse_connection(self, error, uuid.uuid4().hex)
+
+
+def _gateway_channel(site: GatewaySite) -> Any:
+    """What ``HTTPFactory`` builds by default, with our channel inside."""
+    return http._GenericHTTPChannelProtocol(GatewayChannel())
 
 
 class GatewaySite(server.Site):
@@ -128,6 +178,7 @@ class GatewaySite(server.Site):
     """
 
     requestFactory = LimitedRequest
+    protocol = _gateway_channel
     displayTracebacks = False
 
     def __init__(
@@ -150,14 +201,13 @@ class _Overloaded(Protocol):
     """What a connection past the cap gets: a 503, then the connection is closed."""
 
     def connectionMade(self) -> None:
-        error = ApiError(503, "Service Unavailable", "too many open connections; retry later")
-        request_id = uuid.uuid4().hex
-        body = error.body(request_id)
-        self.transport.write(  # type: ignore[union-attr]
-            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\nx-request-id: %s\r\nretry-after: 1\r\n"
-            b"connection: close\r\n\r\n%s" % (len(body), request_id.encode("ascii"), body)
+        error = ApiError(
+            503,
+            "Service Unavailable",
+            "too many open connections; retry later",
+            headers={"Retry-After": "1"},
         )
+        self.transport.write(error_response(error, uuid.uuid4().hex))  # type: ignore[union-attr]
         self.transport.loseConnection()  # type: ignore[union-attr]
 
 

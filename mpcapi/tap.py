@@ -8,18 +8,21 @@ from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet import threads
 from twisted.internet.defer import Deferred
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
 
 from mpcapi.app import Gateway
+from mpcapi.balancer import HealthProbe
 from mpcapi.database import DatabaseError, migrate_now
 from mpcapi.keys import open_authenticator
 from mpcapi.ledger import PriceTable, open_ledger
 from mpcapi.lifecycle import Drain
-from mpcapi.logs import observer_for
+from mpcapi.logs import LogSwitch, observer_for
 from mpcapi.metrics import MULTIPROC_ENV, Metrics
+from mpcapi.reload import Loader, Reloader, ReloadOnSighup
 from mpcapi.settings import CONFIG_ENV, SETTINGS, ConfigError, Settings, load_settings
 from mpcapi.site import ConnectionCap, GatewaySite
 from mpcapi.upstream import LiteLLMClient, make_http_client, make_pool
@@ -28,7 +31,6 @@ from mpcapi.workers import (
     WORKER_ID_ENV,
     AdoptedPort,
     WorkerPool,
-    install_reload_signal,
     listening_socket,
     worker_argv,
 )
@@ -71,12 +73,15 @@ class GatewayService(MultiService):
         super().__init__()
         self.settings = settings
         self.worker = worker
+        self.logs: LogSwitch | None = None  # ours, when installed: a reload may switch it
 
     def setServiceParent(self, parent: Any) -> None:
-        # twistd logs through the application's ILogObserver when --logger is not given.
-        observer = observer_for(self.settings.log_format, self.worker, sys.stdout)
-        if observer is not None and isinstance(parent, Componentized):
-            parent.setComponent(ILogObserver, observer)
+        # twistd logs through the application's ILogObserver when --logger is not given;
+        # without one (text, one process) twistd's own observer keeps --logfile and --syslog.
+        needed = observer_for(self.settings.log_format, self.worker, sys.stdout) is not None
+        if needed and isinstance(parent, Componentized):
+            self.logs = LogSwitch(self.settings.log_format, self.worker, sys.stdout)
+            parent.setComponent(ILogObserver, self.logs)
         super().setServiceParent(parent)
 
     def startService(self) -> None:
@@ -110,9 +115,14 @@ class _RedisCloser(Service):
 
 
 def build_service(
-    settings: Settings, reactor: Any, worker: str | None = None, inherited_fd: int | None = None
+    settings: Settings,
+    reactor: Any,
+    worker: str | None = None,
+    inherited_fd: int | None = None,
+    load: Loader | None = None,
 ) -> MultiService:
-    """Wire the settings, the LiteLLM client, the app and the listening port."""
+    """Wire the settings, the LiteLLM client, the app and the listening port; with ``load``
+    (the start-up loader), SIGHUP reloads the configuration (see mpcapi.reload)."""
     service = GatewayService(settings, worker)
     pool = make_pool(reactor, settings)
     upstream = LiteLLMClient(
@@ -121,7 +131,13 @@ def build_service(
         http=make_http_client(reactor, pool, settings),
         clock=reactor,
         timeout=settings.litellm_timeout,
+        probe_timeout=settings.ready_timeout,
     )
+    # With several LiteLLM instances, the ones that fail their probe get no requests.
+    probe = HealthProbe(
+        upstream.balancer, upstream.probe_all, reactor, settings.upstream_probe_seconds
+    )
+    probe.setServiceParent(service)
     keys = open_authenticator(settings, reactor, reactor) if settings.auth == "keys" else None
     # Workers get a multiprocess metrics directory from their supervisor (see mpcapi.metrics).
     metrics = Metrics(reactor, multiproc_dir=os.environ.get(MULTIPROC_ENV) or None)
@@ -148,8 +164,17 @@ def build_service(
         listening = strports.service(settings.listen_endpoint, connections, reactor=reactor)
     else:
         listening = AdoptedPort(reactor, inherited_fd, connections)
-        install_reload_signal(reactor)
     listening.setServiceParent(service)
+    if load is not None:
+        reloader = Reloader(
+            load=load,
+            run_blocking=lambda f: threads.deferToThreadPool(reactor, reactor.getThreadPool(), f),
+            settings=settings,
+            gateway=gateway,
+            probe=probe,
+            logs_of=lambda: service.logs,
+        )
+        ReloadOnSighup(reactor, reloader.reload).setServiceParent(service)
     Drain(reactor, connections, settings.drain_seconds).setServiceParent(service)
     _PoolCloser(pool).setServiceParent(service)
     _RedisCloser(gateway).setServiceParent(service)
@@ -171,16 +196,21 @@ def build_supervisor(settings: Settings, reactor: Any, options: Options) -> Mult
     return service
 
 
-def makeService(options: Options) -> IService:
-    try:
-        settings = load_settings(options.given(), os.environ)
-    except ConfigError as error:
-        sys.stderr.write(f"mpcapi: configuration error: {error}\n")
-        raise SystemExit(2) from None
+def read_settings(options: Options) -> Settings:
+    """The configuration from every source, checked as at start; ``ConfigError`` if unusable."""
+    settings = load_settings(options.given(), os.environ)
     try:
         PriceTable.load(settings.prices)
     except ValueError as error:
-        sys.stderr.write(f"mpcapi: configuration error: MPCAPI_PRICES: {error}\n")
+        raise ConfigError(f"MPCAPI_PRICES: {error}") from None
+    return settings
+
+
+def makeService(options: Options) -> IService:
+    try:
+        settings = read_settings(options)
+    except ConfigError as error:
+        sys.stderr.write(f"mpcapi: configuration error: {error}\n")
         raise SystemExit(2) from None
     if settings.auth == "keys":  # client keys need their table before the first request
         try:
@@ -193,7 +223,9 @@ def makeService(options: Options) -> IService:
     inherited_fd = os.environ.get(WORKER_FD_ENV)
     if inherited_fd is not None:
         worker = os.environ.get(WORKER_ID_ENV, "?")
-        return build_service(settings, reactor, worker, int(inherited_fd))
+        return build_service(
+            settings, reactor, worker, int(inherited_fd), lambda: read_settings(options)
+        )
     if settings.workers > 1:
         return build_supervisor(settings, reactor, options)
-    return build_service(settings, reactor)
+    return build_service(settings, reactor, load=lambda: read_settings(options))

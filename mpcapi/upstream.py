@@ -3,6 +3,8 @@
 ``LiteLLMClient.send`` resolves when LiteLLM's response headers arrive (or raises a
 502/504 ``ApiError``); ``read_body`` collects a body with an inactivity timeout and
 closes the upstream connection when cancelled, which ``treq.collect`` alone does not.
+With several instances (see ``balancer``) ``send`` picks one per request and moves a
+request to another only when the first refused the connection: nothing of it was sent.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from hyperlink import EncodedURL
 from twisted.internet import defer, error
 from twisted.internet.interfaces import (
     IDelayedCall,
+    IProtocol,
     IPushProducer,
     IReactorTime,
     IStreamClientEndpoint,
+    ITransport,
 )
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -42,6 +46,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from mpcapi.balancer import Balancer, Upstream, split_urls
 from mpcapi.errors import ApiError, bad_gateway, gateway_timeout
 from mpcapi.settings import Settings
 
@@ -58,6 +63,19 @@ _UNREACHABLE = (
     ResponseNeverReceived,
     ResponseFailed,
 )
+
+# Failures before any connection existed: nothing of the request reached that instance, so
+# another may take it without LiteLLM billing it twice. Anything later is never retried.
+_NEVER_CONNECTED = (
+    error.ConnectionRefusedError,
+    error.NoRouteError,
+    error.UnknownHostError,
+    error.DNSLookupError,
+    error.TCPTimedOutError,
+    error.TimeoutError,  # the connect timeout (MPCAPI_CONNECT_TIMEOUT), not LITELLM_TIMEOUT
+)
+
+LITELLM_LIVENESS_PATH = "/health/liveliness"
 
 
 @implementer(IBodyProducer)
@@ -179,23 +197,32 @@ def _refuses_key(status: int, body: bytes) -> bool:
     return isinstance(detail, dict) and detail.get("type") in KEY_REFUSAL_TYPES
 
 
+class _NeverConnectedError(ApiError):
+    """A 502 for a connection that never existed: the request may go to another instance."""
+
+
 @attrs.define
 class LiteLLMClient:
-    """Sends requests to one LiteLLM Gateway and maps transport failures to ``ApiError``."""
+    """Sends requests to the LiteLLM Gateway (one instance or several, see ``balancer``) and
+    maps transport failures to ``ApiError``."""
 
-    base_url: str
+    base_url: str  # as configured: one URL, or several separated by commas
     api_key: str
     http: Any
     clock: IReactorTime
     timeout: float
+    probe_timeout: float = 2.0  # seconds a liveness probe may take (MPCAPI_READY_TIMEOUT)
+    balancer: Balancer = attrs.field(
+        default=attrs.Factory(lambda self: Balancer(split_urls(self.base_url)), takes_self=True)
+    )
 
-    _urls: dict[str, EncodedURL] = attrs.field(factory=dict, init=False)
-
-    def url(self, path: str) -> EncodedURL:
-        """The parsed URL of ``path`` under the base URL, built once per path."""
-        url = self._urls.get(path)
+    def url(self, path: str, upstream: Upstream | None = None) -> EncodedURL:
+        """The parsed URL of ``path`` on ``upstream`` (the first instance), built once."""
+        if upstream is None:
+            upstream = self.balancer.instances[0]
+        url = upstream.urls.get(path)
         if url is None:
-            url = self._urls[path] = _WireURL.from_text(self.base_url + path)
+            url = upstream.urls[path] = _WireURL.from_text(upstream.base_url + path)
         return url
 
     def headers(self, client_authorization: bytes | None, request_id: str) -> Headers:
@@ -223,12 +250,55 @@ class LiteLLMClient:
         request_id: str,
         timeout: float | None = None,
     ) -> IResponse:
-        """Send one request; return the response once its headers have arrived."""
+        """Send one request; return the response once its headers have arrived.
+
+        The response counts among its instance's requests in flight until its body has been
+        read (or the stream has ended, however it ended).
+        """
         limit = self.timeout if timeout is None else timeout
+        headers = self.headers(authorization, request_id)
+        balancer = self.balancer
+        upstream = balancer.pick()
+        assert upstream is not None
+        tried: list[Upstream] = []
+        deadline = self.clock.seconds() + limit
+        wait = limit
+        while True:
+            upstream.in_flight += 1
+            try:
+                response = await self._exchange(upstream, method, path, headers, body, wait, limit)
+            except _NeverConnectedError as refused:
+                upstream.in_flight -= 1
+                if len(balancer.instances) == 1:
+                    raise  # nowhere else to go; as it always was with one LiteLLM
+                balancer.went_down(upstream, refused.message)
+                tried.append(upstream)
+                retry = balancer.pick(tried)
+                wait = deadline - self.clock.seconds()
+                if retry is None or wait <= 0:
+                    raise
+                upstream = retry
+                continue
+            except BaseException:
+                upstream.in_flight -= 1
+                raise
+            return _Counted(response, upstream)
+
+    async def _exchange(
+        self,
+        upstream: Upstream,
+        method: str,
+        path: str,
+        headers: Headers,
+        body: bytes | None,
+        wait: float,
+        limit: float,
+    ) -> IResponse:
+        """One request to one instance; ``_NeverConnectedError`` when it never connected."""
         d = self.http.request(
             method,
-            self.url(path),
-            headers=self.headers(authorization, request_id),
+            self.url(path, upstream),
+            headers=headers,
             data=body,
             cookies=_NO_COOKIES,
             allow_redirects=False,
@@ -240,20 +310,25 @@ class LiteLLMClient:
             timed_out.append(True)
             d.cancel()  # aborts the connection, so LiteLLM sees us leave
 
-        timer = self.clock.callLater(limit, give_up)
+        timer = self.clock.callLater(wait, give_up)
         try:
             response: IResponse = await d
         except Exception as failure:
             if timed_out:
                 raise gateway_timeout(
-                    f"LiteLLM at {self.base_url} did not answer within {limit:g} s"
+                    f"LiteLLM at {upstream.base_url} did not answer within {limit:g} s"
                 ) from None
             if _cancelled(failure):  # the client left; nobody is waiting for an answer
                 raise defer.CancelledError() from None
             if isinstance(failure, _UNREACHABLE):
-                raise bad_gateway(
-                    f"LiteLLM at {self.base_url} is unreachable: {_reason(failure)}",
-                    "unreachable",
+                unreachable = (
+                    _NeverConnectedError if isinstance(failure, _NEVER_CONNECTED) else ApiError
+                )
+                raise unreachable(
+                    502,
+                    "Bad Gateway",
+                    f"LiteLLM at {upstream.base_url} is unreachable: {_reason(failure)}",
+                    upstream_failure="unreachable",
                 ) from None
             raise
         finally:
@@ -261,11 +336,102 @@ class LiteLLMClient:
                 timer.cancel()
         return response
 
+    async def probe(self, upstream: Upstream, request_id: str) -> None:
+        """Ask ``upstream``'s liveness probe; take it out or put it back accordingly."""
+        started = self.clock.seconds()
+        headers = self.headers(None, request_id)
+        limit = self.probe_timeout
+        problem: str | None = None
+        upstream.status = None
+        try:
+            response = await self._exchange(
+                upstream, "GET", LITELLM_LIVENESS_PATH, headers, None, limit, limit
+            )
+            collector = BodyCollector(self.clock, limit, upstream.base_url)
+            response.deliverBody(collector)
+            await collector.done
+            upstream.status = response.code
+            if response.code != 200:
+                problem = (
+                    f"LiteLLM at {upstream.base_url} answered its liveness probe "
+                    f"with {response.code}"
+                )
+        except ApiError as failure:
+            problem = failure.message
+        upstream.latency_ms = round((self.clock.seconds() - started) * 1000, 2)
+        if problem is None:
+            self.balancer.came_up(upstream)
+        else:
+            self.balancer.went_down(upstream, problem)
+
+    def probe_all(self, request_id: str = "upstream-probe") -> defer.Deferred[Any]:
+        """Probe every instance at once; fires when all have answered (or timed out)."""
+        return defer.DeferredList(
+            [
+                defer.Deferred.fromCoroutine(self.probe(upstream, request_id))
+                for upstream in self.balancer.instances
+            ],
+            consumeErrors=True,
+        )
+
+    def source(self, response: IResponse) -> str:
+        """The base URL of the instance that sent ``response``."""
+        upstream = getattr(response, "upstream", None)
+        return upstream.base_url if upstream is not None else self.base_url
+
     def read_body(self, response: IResponse) -> defer.Deferred[bytes]:
         """Collect the whole body; 504 after ``timeout`` s of silence, 502 if cut short."""
-        collector = BodyCollector(self.clock, self.timeout, self.base_url)
+        collector = BodyCollector(self.clock, self.timeout, self.source(response))
         response.deliverBody(collector)
         return collector.done
+
+
+@implementer(IResponse)
+class _Counted:
+    """LiteLLM's response, counted in its instance's ``in_flight`` until its body ends."""
+
+    __slots__ = ("_response", "code", "upstream")
+
+    def __init__(self, response: IResponse, upstream: Upstream | None) -> None:
+        self._response = response
+        self.code = response.code
+        self.upstream = upstream
+
+    def __getattr__(self, name: str) -> Any:  # headers, phrase, length…: rarely read
+        return getattr(self._response, name)
+
+    def deliverBody(self, protocol: IProtocol) -> None:
+        if self.upstream is not None:
+            protocol = _CountedBody(protocol, self.upstream)
+        self._response.deliverBody(protocol)
+
+    def setPreviousResponse(self, response: IResponse) -> None:
+        self._response.setPreviousResponse(response)
+
+
+@implementer(IProtocol)
+class _CountedBody:
+    """Hands a body to ``protocol``; its end (complete, broken, aborted) ends the count."""
+
+    __slots__ = ("_protocol", "_upstream", "dataReceived")
+
+    def __init__(self, protocol: IProtocol, upstream: Upstream) -> None:
+        self._protocol = protocol
+        self._upstream: Upstream | None = upstream
+        # Chunks go straight to the protocol: no extra call per chunk.
+        self.dataReceived = protocol.dataReceived
+
+    def makeConnection(self, transport: ITransport) -> None:
+        self._protocol.makeConnection(transport)
+
+    def connectionMade(self) -> None:
+        self._protocol.connectionMade()
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            upstream.in_flight -= 1
+        self._protocol.connectionLost(reason)
 
 
 class UpstreamBody(Protocol):

@@ -6,7 +6,9 @@ server answers ``{"id", "type": "chunk", "data"}`` for each SSE event, then ``{"
 "done"}``, or one ``{"id", "type": "error", "status", "error", "message", "request_id"}``.
 ``{"id", "type": "cancel"}`` stops a request upstream and is answered ``{"id", "type":
 "cancelled"}``. Many requests may be in flight on one socket; closing it cancels them all.
-A bad message gets an error message and the socket stays open.
+A bad message gets an error message and the socket stays open. Each request goes through
+the HTTP routes' policy: client key, budget, rate limits and the response cache (an
+optional ``"cache": "no-cache" | "no-store"`` in the message stands for ``Cache-Control``).
 
 ``WebSocketEndpoint`` is what the Klein route uses; ``WebSocketSession`` is one socket's
 logic; ``GatewayWebSocketProtocol`` adapts it to autobahn; ``UpstreamStream`` reads one
@@ -35,6 +37,7 @@ from twisted.web.iweb import IRequest, IResponse
 from twisted.web.resource import IResource
 from zope.interface import implementer
 
+from mpcapi.cache import ResponseCache, answer_of_chunks, cache_key, replay_of
 from mpcapi.errors import ApiError, bad_gateway, bad_request, gateway_timeout, internal_error
 from mpcapi.ledger import asks_for_usage
 from mpcapi.requestlog import STREAM_FORMAT
@@ -47,6 +50,7 @@ from mpcapi.validation import RequestValidator, parse_json_object
 
 if TYPE_CHECKING:
     from mpcapi.keys import ClientKey, KeyAuthenticator
+    from mpcapi.limits import RateLimiter
 
 log = Logger(namespace="mpcapi.request")
 socket_log = Logger(namespace="mpcapi.websocket")
@@ -73,6 +77,8 @@ OPERATIONS = {
     "completions": Operation("/completions", "completions"),
 }
 CANCEL = "cancel"
+# A message's "cache" field: what Cache-Control says on HTTP (see mpcapi.cache).
+CACHE_DIRECTIVES = ("no-cache", "no-store")
 
 
 def _phrase(status: int) -> str:
@@ -141,12 +147,22 @@ class Call:
     content_deltas: int = 0
     hide_usage: bool = False  # usage asked for by us, not by the client: not relayed
     key: ClientKey | None = None
+    # For the rate limits and the response cache (see mpcapi.limits, mpcapi.cache).
+    rate_limited: bool = False
+    document: dict[str, Any] | None = None  # the client's body, as the cache keys it
+    cache_control: str | None = None  # the message's "cache" directive
+    cache: str | None = None  # hit, miss or bypass, when the cache is on
+    store_key: str | None = None  # where the answer goes once it is complete
+    chunks: list[Any] = attrs.field(factory=list)  # the answer so far, while it is to be stored
 
 
 class WebSocketEndpoint:
     """The Klein route's helper: one autobahn factory for every socket of the daemon."""
 
     keys: KeyAuthenticator | None = None  # with MPCAPI_AUTH=keys: every message's key is checked
+    limiter: RateLimiter | None = None  # the HTTP routes' rate limits, for every message too
+    cache: ResponseCache | None = None  # and their response cache
+    counts_usage = False  # the usage ledger is on: every stream asks LiteLLM for its usage
 
     def __init__(
         self,
@@ -292,10 +308,17 @@ class WebSocketSession:
         body = message.get("body")
         if not isinstance(body, dict):
             raise bad_request('"body" is required and must be a JSON object')
+        directive = message.get("cache")
+        if directive is not None and directive not in CACHE_DIRECTIVES:
+            raise bad_request('"cache" must be "no-cache" or "no-store"')
+        call.cache_control, call.document = directive, body
         model = body.get("model")
         call.model = model if isinstance(model, str) else None
         call.route = operation.path
-        if self._endpoint.observers and not asks_for_usage(body):  # the ledger counts it
+        cache = self._endpoint.cache
+        stores = cache is not None and cache.enabled and directive != "no-store"
+        # The ledger counts every stream, and a stored answer keeps its usage: ask for it.
+        if (self._endpoint.counts_usage or stores) and not asks_for_usage(body):
             call.hide_usage = True
             options = body.get("stream_options")
             options = {**(options if isinstance(options, dict) else {}), "include_usage": True}
@@ -321,10 +344,9 @@ class WebSocketSession:
 
     async def _run(self, call: Call, path: str, body: bytes) -> None:
         endpoint = self._endpoint
-        if endpoint.keys is not None:  # a key revoked while its socket is open stops working
-            call.key = await endpoint.keys.authenticate(self.client_key_header)
-        if endpoint.check_budget is not None:  # a key whose budget is spent: 429
-            await endpoint.check_budget(call.key)
+        await self._admit(call)
+        if await self._replayed(call):
+            return
         response = await endpoint.upstream.send(
             "POST",
             path,
@@ -339,11 +361,61 @@ class WebSocketSession:
                 response.code,
                 answer,
                 our_key=bool(endpoint.settings.litellm_api_key),
-                base_url=endpoint.settings.litellm_base_url,
+                base_url=endpoint.upstream.source(response),
             )
             raise upstream_refusal(response, answer)
         call.stream = UpstreamStream(self, call, self._clock, endpoint.settings.litellm_timeout)
         response.deliverBody(call.stream)
+
+    async def _admit(self, call: Call) -> None:
+        """The policy in front of every request, as on HTTP: the client key, its budget,
+        then the rate limits. Raises the ApiError that refuses the request."""
+        endpoint = self._endpoint
+        if endpoint.keys is not None:  # a key revoked while its socket is open stops working
+            call.key = await endpoint.keys.authenticate(self.client_key_header)
+        if endpoint.check_budget is not None:  # a key whose budget is spent: 429
+            await endpoint.check_budget(call.key)
+        if endpoint.limiter is not None:  # over a limit: 429 with retry_after
+            try:
+                await endpoint.limiter.admit(call.key, self._client)
+            except ApiError:
+                call.rate_limited = True
+                raise
+
+    async def _replayed(self, call: Call) -> bool:
+        """Answer ``call`` from the response cache when it can (chunks, then ``done``);
+        otherwise note where its answer is to be stored."""
+        cache = self._endpoint.cache
+        if cache is None or not cache.enabled or call.document is None or call.route is None:
+            return False
+        key = call.key
+        authorization = self._authorization or self.client_key_header  # the upgrade's
+        scope = cache.scope_for(
+            key.user if key else None, key.id if key else None, self._client, authorization
+        )
+        store_key = cache_key(scope, call.route, call.document)
+        if call.cache_control != "no-store":
+            call.store_key = store_key
+        if call.cache_control == "no-cache":
+            self._cache_outcome(call, cache, "bypass")
+            return False
+        cached = await cache.fetch(store_key)
+        events = replay_of(cached, call.document) if cached is not None else None
+        if events is None:
+            self._cache_outcome(call, cache, "miss")
+            return False
+        call.store_key = None
+        self._cache_outcome(call, cache, "hit")
+        for event in events:
+            self.chunk(call, event)
+        call.usage = None  # a hit spends no tokens, as on HTTP
+        self.done(call)
+        return True
+
+    @staticmethod
+    def _cache_outcome(call: Call, cache: ResponseCache, outcome: str) -> None:
+        call.cache = outcome
+        cache.count(outcome)
 
     def _failed(self, failure: Failure, call: Call) -> None:
         if not self._current(call):
@@ -353,6 +425,8 @@ class WebSocketSession:
             outcome = {504: "timeout", 401: "refused", 503: "refused"}.get(
                 problem.status, "upstream_error"
             )
+            if problem.status == 429 and call.upstream_status is None:
+                outcome = "refused"  # our own limits or budget, not LiteLLM's 429
             self.fail(call, problem, outcome)
             return
         log.failure(
@@ -377,6 +451,8 @@ class WebSocketSession:
     # Towards the client (called by UpstreamStream too)
 
     def chunk(self, call: Call, data: Any) -> None:
+        if call.store_key is not None:
+            call.chunks.append(data)
         if isinstance(data, dict):
             usage = usage_of_chunk(data)
             if usage is not None:
@@ -392,8 +468,22 @@ class WebSocketSession:
         self._send(call, {"id": call.id, "type": "chunk", "data": data})
 
     def done(self, call: Call) -> None:
-        self._send(call, {"id": call.id, "type": "done"})
+        self._store(call)
+        message: dict[str, Any] = {"id": call.id, "type": "done"}
+        if call.cache is not None:  # what x-mpcapi-cache says on HTTP
+            message["cache"] = call.cache
+        self._send(call, message)
         self._finish(call)
+
+    def _store(self, call: Call) -> None:
+        """Keep a complete answer in the response cache, as a non-streamed answer."""
+        cache = self._endpoint.cache
+        if call.store_key is None or cache is None:
+            return
+        answer = answer_of_chunks(call.chunks)
+        call.chunks = []
+        if answer is not None:
+            cache.keep(call.store_key, json.dumps(answer).encode("utf-8"))
 
     def fail(self, call: Call, problem: ApiError, outcome: str) -> None:
         message: dict[str, Any] = {
@@ -448,6 +538,8 @@ class WebSocketSession:
             events=call.events,
             ws_type=call.kind,
             ws_id=call.id[:128] if call.id is not None else None,
+            cache=call.cache,
+            rate_limited=call.rate_limited,
         )
         if self._endpoint.observers:
             self._observe(call, now)
@@ -471,6 +563,8 @@ class WebSocketSession:
             "ttfb_ms": round((first - call.started) * 1000, 2) if first is not None else None,
             "events": call.events,
             "content_deltas": call.content_deltas,
+            "cache": call.cache,
+            "rate_limited": call.rate_limited,
         }
         if call.usage is not None:
             fields["prompt_tokens"] = call.usage.prompt_tokens

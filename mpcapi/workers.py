@@ -3,7 +3,8 @@
 With ``MPCAPI_WORKERS`` above 1 the daemon becomes a supervisor: it binds the socket, starts
 N copies of itself (``twistd -n mpcapi`` with the same options) that inherit the socket as
 file descriptor 3 and adopt it with ``adoptStreamPort``, restarts a worker that dies, and
-passes SIGTERM and SIGHUP on to them. The kernel spreads new connections among the workers.
+passes SIGTERM and SIGHUP on to them (each worker reloads its configuration: see ``reload``).
+The kernel spreads new connections among the workers.
 
 Per-worker state: the connection pool to LiteLLM, in-flight requests and streams, and
 everything a later module keeps in memory (rate-limit counters and cache in their memory
@@ -182,12 +183,3 @@ def worker_argv(options: Sequence[str]) -> list[str]:
     """The command of one worker: this daemon in the foreground, with the same options."""
     twistd = "from twisted.scripts.twistd import run; run()"
     return [sys.executable, "-c", twistd, "--nodaemon", "--pidfile=", "mpcapi", *options]
-
-
-def install_reload_signal(reactor: Any) -> None:
-    """Workers take SIGHUP (passed on by the supervisor) instead of dying of it."""
-
-    def on_sighup(signum: int, frame: Any) -> None:
-        reactor.callFromThread(log.info, "SIGHUP received; nothing to reload yet")
-
-    signal.signal(signal.SIGHUP, on_sighup)

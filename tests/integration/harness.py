@@ -2,6 +2,7 @@
 
 - ``running_litellm``: the LiteLLM proxy of ``.venv-litellm`` with ``etc/litellm/config.yaml``
   (offline mock models); ``ensure_litellm_installed`` creates ``.venv-litellm`` like scripts/test.
+  ``LiteLLMServer`` is the same proxy on a fixed port, which a test can kill and start again.
 - ``DaemonLauncher``: ``twistd -n mpcapi`` subprocesses, each in its own working directory with
   its output in files; ``Daemon`` is one of them.
 - Stand-in upstreams for the faults LiteLLM cannot produce on demand: ``dead_upstream``
@@ -13,6 +14,7 @@ Every wait is bounded; every context manager stops what it started.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -143,29 +145,66 @@ def ensure_litellm_installed() -> None:
         subprocess.run(step, check=True, timeout=LITELLM_INSTALL_TIMEOUT, stdin=subprocess.DEVNULL)
 
 
+class LiteLLMServer:
+    """A LiteLLM proxy of ``.venv-litellm`` on one port, which a test can kill (SIGKILL, as a
+    crash) and start again on the same port. Its output goes to ``log`` (appended on restart)."""
+
+    def __init__(self, log: Path, config: Path = LITELLM_CONFIG, port: int | None = None) -> None:
+        self.log = log
+        self.config = config
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Start it and wait until it answers its liveness probe."""
+        ensure_litellm_installed()
+        env = {
+            **os.environ,
+            "LITELLM_MASTER_KEY": LITELLM_MASTER_KEY,
+            # Do not fetch the model price list from the internet at start.
+            "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        }
+        command = [str(LITELLM_BIN), "--config", str(self.config)]
+        command += ["--host", "127.0.0.1", "--port", str(self.port)]
+        with self.log.open("ab") as output:
+            self.process = subprocess.Popen(
+                command,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, for kill()
+            )
+        url = self.url + LITELLM_LIVENESS_PATH
+        wait_for_http_200(url, self.process, LITELLM_START_TIMEOUT, self.log)
+
+    def kill(self) -> None:
+        """SIGKILL its whole process group at once: no shutdown, connections reset."""
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=STOP_TIMEOUT)
+        self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+        self.process = None
+
+
 @contextmanager
-def running_litellm(log: Path) -> Iterator[LiteLLM]:
+def running_litellm(log: Path, config: Path = LITELLM_CONFIG) -> Iterator[LiteLLM]:
     """A LiteLLM proxy on a free port, answering its liveness probe; stopped on exit."""
-    ensure_litellm_installed()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "LITELLM_MASTER_KEY": LITELLM_MASTER_KEY,
-        # Do not fetch the model price list from the internet at start.
-        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-    }
-    command = [str(LITELLM_BIN), "--config", str(LITELLM_CONFIG)]
-    command += ["--host", "127.0.0.1", "--port", str(port)]
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            command, env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT
-        )
+    server = LiteLLMServer(log, config)
     try:
-        wait_for_http_200(url + LITELLM_LIVENESS_PATH, process, LITELLM_START_TIMEOUT, log)
-        yield LiteLLM(url=url, key=LITELLM_MASTER_KEY, log=log)
+        server.start()
+        yield LiteLLM(url=server.url, key=LITELLM_MASTER_KEY, log=log)
     finally:
-        stop_process(process)
+        server.stop()
 
 
 # --- MPC-API ------------------------------------------------------------------------------------

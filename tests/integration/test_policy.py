@@ -1,5 +1,6 @@
 """Rate limits and the response cache, for real: twistd daemons in front of the real LiteLLM,
-driven by the openai SDK; Redis shared by two daemons; a Redis that goes away and comes back."""
+driven by the openai SDK; two daemons sharing one Redis and one PostgreSQL (limits, cache,
+usage ledger); a Redis that goes away and comes back."""
 
 from __future__ import annotations
 
@@ -7,16 +8,21 @@ import subprocess
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import openai
+import psycopg
 import pytest
 from openai import OpenAI
 
+from tests.databases import postgres_schema
 from tests.redisserver import REDIS_SERVER, SHARED_REDIS_URL, RedisServer, free_port
 
 from .harness import HELLO, MOCK_TEXT, Daemon
+from .test_usage_ledger import ADMIN, usage
 
 StartDaemon = Callable[..., Daemon]
 
@@ -113,31 +119,73 @@ def test_the_cache_answers_a_repeated_request(start_mpcapi: StartDaemon) -> None
     assert chunks[-1].usage.total_tokens == bypass.parse().usage.total_tokens
 
 
-def test_two_daemons_share_one_limit_and_one_cache(
+def test_two_daemons_share_one_limit_one_cache_and_one_ledger(
     start_mpcapi: StartDaemon, redis_prefix: str
 ) -> None:
-    shared = {
-        "MPCAPI_REDIS_URL": SHARED_REDIS_URL,
-        "MPCAPI_REDIS_PREFIX": redis_prefix,
-        "MPCAPI_DEFAULT_RPM": "4",
-        "MPCAPI_CACHE_TTL": "60",
-    }
-    one, two = start_mpcapi(**shared), start_mpcapi(**shared)
-    question = f"shared {uuid.uuid4().hex}"
-    first = chat(one, question)
-    assert first.headers["x-mpcapi-cache"] == "miss"
-    time.sleep(0.3)  # daemon one stores the answer in the background
-    second = chat(two, question)
-    assert second.headers["x-mpcapi-cache"] == "hit"
-    assert second.parse().id == first.parse().id
-    assert second.headers["x-ratelimit-remaining-requests"] == "2"  # one limit for both
-    third = chat(one, "another question")
-    assert third.headers["x-ratelimit-remaining-requests"] == "1"
-    chat(two, "yet another")
-    with pytest.raises(openai.RateLimitError):
-        chat(one, question)
-    with pytest.raises(openai.RateLimitError):
-        chat(two, question)
+    """Two daemons on the shared Redis and PostgreSQL (a key prefix and a schema of this
+    test's own): a miss on one is a hit on the other; an RPM of N admits N requests in all,
+    however many arrive at once on either daemon; and one ledger holds the rows of both,
+    whose totals either daemon reports."""
+    rpm = 20
+    with postgres_schema() as database_url:
+        shared = {
+            "MPCAPI_REDIS_URL": SHARED_REDIS_URL,
+            "MPCAPI_REDIS_PREFIX": redis_prefix,
+            "MPCAPI_DEFAULT_RPM": str(rpm),
+            "MPCAPI_CACHE_TTL": "60",
+            "MPCAPI_DATABASE_URL": database_url,
+            "MPCAPI_ADMIN_KEY": ADMIN,
+        }
+        daemons = {"one": start_mpcapi(**shared), "two": start_mpcapi(**shared)}
+        sent: list[str] = []
+
+        def ask(name: str, content: str, tag: str) -> Any:
+            sent.append(f"scale-{name}-{tag}")
+            return chat(daemons[name], content, **{"x-request-id": sent[-1]})
+
+        question = f"shared {uuid.uuid4().hex}"
+        first = ask("one", question, "first")
+        assert first.headers["x-mpcapi-cache"] == "miss"
+        time.sleep(0.3)  # daemon one stores the answer in the background
+        second = ask("two", question, "second")
+        assert second.headers["x-mpcapi-cache"] == "hit"
+        assert second.parse().id == first.parse().id
+        assert second.headers["x-ratelimit-remaining-requests"] == str(rpm - 2)  # one limit
+
+        # The rest of the limit: 2 * rpm requests at once, alternating between the daemons.
+        def attempt(n: int) -> tuple[str, int]:
+            name = ("one", "two")[n % 2]
+            try:
+                ask(name, f"burst {n}", f"burst-{n}")
+            except openai.RateLimitError:
+                return name, 429
+            return name, 200
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            answers = list(pool.map(attempt, range(2 * rpm), timeout=120))
+        statuses = Counter(status for _, status in answers)
+        assert statuses == {200: rpm - 2, 429: rpm + 2}, statuses
+        assert {name for name, status in answers if status == 200} == {"one", "two"}
+        assert {name for name, status in answers if status == 429} == {"one", "two"}
+        for name in daemons:
+            with pytest.raises(openai.RateLimitError):
+                ask(name, question, "after")
+
+        # One ledger: every request of both daemons, refusals included, once.
+        expected = {"requests": len(sent), "errors": rpm + 4}
+
+        def totals(name: str) -> dict[str, Any]:
+            report: dict[str, Any] = usage(daemons[name])["totals"]
+            return {key: report[key] for key in expected}
+
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and totals("one") != expected:
+            time.sleep(0.2)
+        assert totals("one") == totals("two") == expected
+        with psycopg.connect(database_url) as connection:
+            stored = [row[0] for row in connection.execute("SELECT request_id FROM usage")]
+        assert sorted(stored) == sorted(sent)
+        assert {request_id.split("-")[1] for request_id in stored} == {"one", "two"}
 
 
 @pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server not installed")

@@ -4,18 +4,12 @@ stopped mid-traffic and started again: every request ends up in the ledger exact
 
 from __future__ import annotations
 
-import glob
 import json
-import os
-import shutil
 import sqlite3
-import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +19,9 @@ import pytest
 
 from mpcapi.database import SyncDatabase
 from mpcapi.keys import create_key
-from tests.databases import postgres_schema
+from tests.databases import own_postgres, postgres_schema
 
-from .harness import HELLO, Daemon, free_port
+from .harness import HELLO, Daemon
 
 ADMIN = "admin-ledger-secret"
 CHAT_MODEL = "gpt-4o-mini"
@@ -169,57 +163,6 @@ def test_rows_and_totals_on_postgresql_with_keys(start_mpcapi: Callable[..., Dae
 # --- a PostgreSQL of the test's own, stopped and started again ----------------------------------
 
 
-def _postgres_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    return Path(found[-1]).parent if found else None
-
-
-def _as_postgres(command: list[str]) -> list[str]:
-    if os.geteuid() == 0:  # initdb refuses root
-        return ["runuser", "-u", "postgres", "--", *command]
-    return command
-
-
-@contextmanager
-def own_postgres() -> Iterator[tuple[str, Callable[[], None], Callable[[], None]]]:
-    """A PostgreSQL server in a temporary directory on a free port: its URL, stop(), start()."""
-    bin_dir = _postgres_bin()
-    if bin_dir is None or (os.geteuid() == 0 and shutil.which("runuser") is None):
-        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) to start one")
-    root = Path(tempfile.mkdtemp(prefix="mpcapi-pg-", dir="/tmp"))
-    data = root / "data"
-    port = free_port()
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres", "postgres")
-    root.chmod(0o755)
-    run = _as_postgres
-    subprocess.run(
-        run([str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]),
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-    ctl = [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "-t", "60"]
-
-    def start() -> None:
-        subprocess.run(
-            run([*ctl, "-o", options, "start"]), check=True, capture_output=True, timeout=90
-        )
-
-    def stop() -> None:
-        subprocess.run(
-            run([*ctl, "-m", "fast", "stop"]), check=True, capture_output=True, timeout=90
-        )
-
-    start()
-    try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres", stop, start
-    finally:
-        subprocess.run(run([*ctl, "-m", "immediate", "stop"]), capture_output=True, timeout=90)
-        shutil.rmtree(root, ignore_errors=True)
-
-
 def chat(client: openai.OpenAI, request_id: str, stream: bool) -> float:
     started = time.monotonic()
     if stream:
@@ -251,7 +194,8 @@ def stored_ids(url: str) -> list[str]:
 def test_postgresql_outage_loses_no_row_and_stores_none_twice(
     start_mpcapi: Callable[..., Daemon],
 ) -> None:
-    with own_postgres() as (url, stop, start):
+    with own_postgres() as server:
+        url, stop, start = server.url, server.stop, server.start
         daemon = start_mpcapi(MPCAPI_DATABASE_URL=url, MPCAPI_ADMIN_KEY=ADMIN)
         sent: list[str] = []
         with sdk(daemon) as client:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -161,6 +162,63 @@ def test_litellm_rate_limit_keeps_its_status(start_mpcapi: Callable[..., Daemon]
     assert (error["type"], error["status"], error["error"]) == ("error", 429, "Too Many Requests")
     assert "rate limit" in error["message"].lower()
     assert error["request_id"] in daemon.wait_for_log(error["request_id"])
+
+
+def test_messages_over_our_rate_limit_get_a_429_on_an_open_socket(
+    start_mpcapi: Callable[..., Daemon],
+) -> None:
+    daemon = start_mpcapi(MPCAPI_DEFAULT_RPM="2")
+    with socket(daemon) as connection:
+        for message_id in ("a", "b"):
+            send(connection, {"id": message_id, "type": "chat.completions", "body": CHAT})
+            assert until_the_end(connection, message_id)[-1] == {"id": message_id, "type": "done"}
+        for message_id in ("c", "d"):  # the socket stays open after a refusal
+            send(connection, {"id": message_id, "type": "chat.completions", "body": CHAT})
+            [error] = until_the_end(connection, message_id)
+            assert (error["type"], error["status"]) == ("error", 429)
+            assert error["error"] == "Too Many Requests"
+            assert error["message"].startswith("rate limit of 2 requests per minute reached")
+            assert 1 <= int(error["retry_after"]) <= 60
+    log = daemon.wait_for_log(error["request_id"])
+    assert "WS /api/ws 429" in log
+    assert "outcome=refused" in log
+
+
+def test_the_cache_answers_a_repeated_message_and_http_alike(
+    start_mpcapi: Callable[..., Daemon],
+) -> None:
+    daemon = start_mpcapi(MPCAPI_CACHE_TTL="60")
+    messages = [{"role": "user", "content": "cache me over the socket"}]
+    body = {"model": "gpt-4o-mini", "messages": messages}
+    with socket(daemon) as connection:
+        send(connection, {"id": "a", "type": "chat.completions", "body": body})
+        first = until_the_end(connection, "a")
+        send(connection, {"id": "b", "type": "chat.completions", "body": body})
+        second = until_the_end(connection, "b")
+        usage = {**body, "stream_options": {"include_usage": True}}
+        send(
+            connection, {"id": "c", "type": "chat.completions", "body": usage, "cache": "no-cache"}
+        )
+        bypass = until_the_end(connection, "c")
+    assert first[-1] == {"id": "a", "type": "done", "cache": "miss"}
+    assert second[-1] == {"id": "b", "type": "done", "cache": "hit"}
+    assert bypass[-1] == {"id": "c", "type": "done", "cache": "bypass"}
+    assert text_of(first) == text_of(second) == text_of(bypass) == MOCK_TEXT
+    assert second[0]["data"]["id"] == first[0]["data"]["id"]  # the same answer, replayed
+    assert bypass[0]["data"]["id"] != first[0]["data"]["id"]  # a fresh one from LiteLLM
+    assert bypass[-2]["data"]["usage"]["total_tokens"] > 0
+    # The socket's answer is stored whole: a plain HTTP request gets it too.
+    request = urllib.request.Request(
+        daemon.url + "/api/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+        assert response.headers["x-mpcapi-cache"] == "hit"
+        answer = json.loads(response.read())
+    assert answer["id"] == bypass[0]["data"]["id"]  # "no-cache" skips the lookup, not the store
+    assert answer["choices"][0]["message"]["content"] == MOCK_TEXT
+    assert answer["usage"]["total_tokens"] == bypass[-2]["data"]["usage"]["total_tokens"]
 
 
 def test_the_clients_key_passes_through_without_ours(

@@ -121,10 +121,12 @@ class Harness:
         return await self.client.get(f"http://mpcapi.test{path}", **kwargs)
 
 
-def make_harness(**overrides: Any) -> Harness:
+def make_harness(*, now: float = 0.0, **overrides: Any) -> Harness:
+    """A gateway with ``overrides`` of its settings; its clock starts at ``now``."""
     settings = Settings(**{"litellm_base_url": UPSTREAM, "litellm_api_key": "sk-ours", **overrides})
     fake = FakeLiteLLM()
     clock = Clock()
+    clock.advance(now)
     upstream_stub = StubTreq(fake)
     upstream = LiteLLMClient(
         base_url=settings.litellm_base_url,

@@ -7,12 +7,20 @@ import uuid
 from typing import Any
 
 import pytest_twisted
+from twisted.internet import defer
 from twisted.internet import reactor as global_reactor
 from twisted.internet.task import Clock
 
-from mpcapi.cache import MemoryStore, RedisStore, cache_key, canonical_body, replay_events
+from mpcapi.cache import (
+    MemoryStore,
+    RedisStore,
+    answer_of_chunks,
+    cache_key,
+    canonical_body,
+    replay_events,
+)
 from mpcapi.keys import ClientKey
-from mpcapi.redisclient import RedisClient
+from mpcapi.redisclient import RedisClient, RedisUnavailableError
 from mpcapi.sse import DONE, SSEParser
 from tests.redisserver import closed_port
 from tests.unit.conftest import CHAT, COMPLETION, Harness, answer, json_body, make_harness
@@ -305,6 +313,68 @@ def test_tool_calls_replay_as_tool_call_deltas() -> None:
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
+def test_a_whole_stream_is_the_answer_it_replays_from() -> None:
+    """``answer_of_chunks`` (what the WebSocket stores) undoes ``replay_events``."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    chat = {
+        **COMPLETION,
+        "created": 5,
+        "system_fingerprint": "fp",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hi", "tool_calls": [call]},
+                "logprobs": None,
+                "finish_reason": "tool_calls",
+            },
+            {
+                "index": 1,
+                "message": {"role": "assistant", "content": None, "refusal": "no"},
+                "logprobs": None,
+                "finish_reason": "stop",
+            },
+        ],
+    }
+    text = {**TEXT_ANSWER, "choices": [{**TEXT_ANSWER["choices"][0]}]}  # type: ignore[list-item]
+    for answer_ in (chat, text):
+        assert answer_of_chunks(replay_events(answer_, include_usage=True)) == answer_
+
+
+def test_streamed_deltas_and_tool_call_fragments_are_joined() -> None:
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+    fragments = [
+        chunk({"role": "assistant", "content": None, "function_call": None}),
+        chunk(
+            {"tool_calls": [{"index": 0, "id": "t1", "function": {"name": "f", "arguments": ""}}]}
+        ),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"a"'}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]}),
+        chunk({}, "tool_calls"),
+    ]
+    [choice] = answer_of_chunks(fragments)["choices"]  # type: ignore[index]
+    assert choice["message"]["tool_calls"] == [
+        {"id": "t1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    ]
+    assert choice["message"]["content"] is None
+    assert choice["finish_reason"] == "tool_calls"
+
+
+def test_a_stream_with_more_than_a_replay_gives_back_is_no_answer() -> None:
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    choice = {"index": 0, "delta": {"content": "x"}, "finish_reason": None}
+    assert answer_of_chunks([]) is None
+    assert (
+        answer_of_chunks([{**base, "choices": [{**choice, "logprobs": {"content": []}}]}]) is None
+    )
+    assert answer_of_chunks([{**base, "choices": [{**choice, "delta": {"audio": {}}}]}]) is None
+    assert answer_of_chunks([{**base, "object": "list"}]) is None
+    assert answer_of_chunks(["not a chunk"]) is None
+
+
 # --- memory store ---------------------------------------------------------------------------
 
 
@@ -402,3 +472,82 @@ async def test_redis_store_round_trips_bytes() -> None:
 def test_client_key_fixture_is_a_real_client_key() -> None:
     assert isinstance(client_key("key_x", "x"), ClientKey)
     assert json_body is not None
+
+
+class _ControlledRedis:
+    """A RedisClient stand-in whose MGETs and scripts the test answers by hand."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[Any]]] = []
+        self.pending: list[defer.Deferred[Any]] = []
+
+    def key(self, *parts: str) -> str:
+        return ":".join(parts)
+
+    def mget(self, keys: list[str]) -> defer.Deferred[Any]:
+        return self._call("mget", keys)
+
+    def eval(self, script: str, keys: list[str], args: list[Any]) -> defer.Deferred[Any]:
+        return self._call("eval", [*keys, *args])
+
+    def _call(self, name: str, args: list[Any]) -> defer.Deferred[Any]:
+        self.calls.append((name, args))
+        self.pending.append(defer.Deferred())
+        return self.pending[-1]
+
+
+def test_redis_lookups_made_while_one_is_in_flight_go_out_as_one_mget() -> None:
+    redis = _ControlledRedis()
+    store = RedisStore(redis)  # type: ignore[arg-type]
+    first = store.get("a")
+    waiting = [store.get("b"), store.get("c")]
+    assert redis.calls == [("mget", ["cache:a"])]
+    redis.pending[0].callback([b"A"])
+    assert first.result == b"A"  # type: ignore[attr-defined]
+    assert redis.calls[1] == ("mget", ["cache:b", "cache:c"])
+    redis.pending[1].callback([None, b"C"])
+    assert [d.result for d in waiting] == [None, b"C"]  # type: ignore[attr-defined]
+    alone = store.get("d")  # nothing in flight: it goes at once, alone
+    assert redis.calls[2] == ("mget", ["cache:d"])
+    redis.pending[2].errback(RedisUnavailableError("down"))
+    failures: list[Any] = []
+    alone.addErrback(failures.append)
+    assert failures and failures[0].check(RedisUnavailableError)
+
+
+def test_redis_stores_made_while_one_is_in_flight_go_out_as_one_script() -> None:
+    redis = _ControlledRedis()
+    store = RedisStore(redis)  # type: ignore[arg-type]
+    first = store.set("a", b"1", 60)
+    second, third = store.set("b", b"2", 60), store.set("c", b"3", 30)
+    assert redis.calls == [("eval", ["cache:a", b"1", 60])]
+    redis.pending[0].callback(None)
+    assert first.called and not second.called
+    assert redis.calls[1] == ("eval", ["cache:b", "cache:c", b"2", 60, b"3", 30])
+    redis.pending[1].callback(None)
+    assert second.called and third.called
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_store_batches_round_trip_in_real_redis() -> None:
+    prefix = f"mpcapi-test:{uuid.uuid4().hex}:"
+    client = RedisClient(REDIS_URL, global_reactor, prefix=prefix)
+    store = RedisStore(client)
+    try:
+        await defer.gatherResults(
+            [defer.ensureDeferred(_awaited(store.set(f"k{n}", b"v%d" % n, 5))) for n in range(20)]
+        )
+        values = await defer.gatherResults(
+            [defer.ensureDeferred(_awaited(store.get(f"k{n}"))) for n in range(21)]
+        )
+        assert values == [b"v%d" % n for n in range(20)] + [None]
+        ttl = await client.eval("return redis.call('TTL', KEYS[1])", [prefix + "cache:k7"], [])
+        assert 0 < ttl <= 5
+    finally:
+        keys = [prefix + f"cache:k{n}" for n in range(20)]
+        await client.eval("for _, k in ipairs(KEYS) do redis.call('DEL', k) end", keys, [])
+        await client.close()
+
+
+async def _awaited(pending: Any) -> Any:
+    return await pending

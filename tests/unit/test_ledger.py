@@ -578,6 +578,18 @@ def test_a_full_queue_overflows_to_the_spool_file(sqlite_db: SyncDb, tmp_path: P
     assert not (tmp_path / "spool.jsonl").exists()
 
 
+def test_each_flush_reports_the_rows_waiting(sqlite_db: SyncDb, tmp_path: Path) -> None:
+    ledger, clock = bare_ledger(sqlite_db, tmp_path, batch=100)
+    reported: list[int] = []
+    ledger.report_queue = reported.append
+    for n in range(7):
+        ledger.observe(fields(n))
+    clock.advance(FLUSH_EVERY)
+    clock.advance(FLUSH_EVERY)
+    assert reported == [7, 0]
+    assert len(sqlite_db.rows()) == 7
+
+
 def test_only_openai_routes_are_usage(sqlite_db: SyncDb, tmp_path: Path) -> None:
     ledger, clock = bare_ledger(sqlite_db, tmp_path)
     ledger.observe({**fields(1), "route": None, "path": "/health"})

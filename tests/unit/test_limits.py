@@ -15,6 +15,7 @@ from twisted.internet import task
 from twisted.internet.task import Clock
 
 from mpcapi.app import Gateway
+from mpcapi.errors import ApiError
 from mpcapi.keys import ClientKey
 from mpcapi.limits import (
     Counts,
@@ -272,6 +273,30 @@ async def test_without_auth_the_limit_is_per_client_address() -> None:
     assert outcomes == ["ok", "ok", "ApiError429"]
     assert limiter.refused == 1
     del fake
+
+
+@pytest_twisted.ensureDeferred
+async def test_admit_takes_the_identity_without_a_request() -> None:
+    """What the WebSocket uses: the key (or None) and the client address, no IRequest."""
+    clock = Clock()
+    limiter = RateLimiter(MemoryWindows(clock), default_rpm=1, default_tpm=0)
+    own = client_key("key_own", "alice", rpm=2)
+    assert await limiter.admit(None, "10.0.0.1") == {
+        "x-ratelimit-limit-requests": "1",
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "1m0s",
+    }
+    assert await limiter.admit(None, "10.0.0.2")  # another address, another window
+    assert await limiter.admit(own, "10.0.0.1")  # a key is counted apart from its address
+    assert await limiter.admit(own, "10.0.0.2")
+    clock.advance(15)
+    for key, address in ((None, "10.0.0.1"), (own, "10.0.0.3")):
+        with pytest.raises(ApiError) as refused:
+            await limiter.admit(key, address)
+        assert refused.value.status == 429
+        assert refused.value.headers["Retry-After"] == "45"
+    assert limiter.refused == 2
+    assert await limiter.admit(client_key("key_free", "bob", rpm=0), "10.0.0.1") == {}
 
 
 def test_duration_text_is_what_openai_sends() -> None:

@@ -6,14 +6,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import attrs
 import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
-from treq.testing import StubTreq
 from twisted.internet.task import Clock
 
-from mpcapi.app import Gateway
 from mpcapi.metrics import (
     MODEL_LABEL_LIMIT,
     ErrorRing,
@@ -21,82 +18,41 @@ from mpcapi.metrics import (
     quantile,
     route_of,
 )
-from mpcapi.settings import Settings
-from mpcapi.upstream import LiteLLMClient
-from tests.unit.conftest import CHAT, COMPLETION, UPSTREAM, FakeLiteLLM, answer
+from tests.unit.conftest import CHAT, COMPLETION, Harness, answer, make_harness
 
 ADMIN = "admin-secret-1"
 BEARER = {"Authorization": f"Bearer {ADMIN}"}
+NOW = 1_795_000_000
 
 
-@attrs.define
-class Observed:
-    """A gateway over a fake LiteLLM, with its ``Metrics`` at hand."""
-
-    fake: FakeLiteLLM
-    clock: Clock
-    upstream_stub: Any
-    client: Any
-    metrics: Metrics
-
-    def flush(self) -> None:
-        for _ in range(5):
-            self.upstream_stub.flush()
-            self.client.flush()
-
-    async def post(self, path: str, body: dict[str, Any], **kwargs: Any) -> Any:
-        data = json.dumps(body).encode()
-        return await self.client.post(f"http://mpcapi.test{path}", data=data, **kwargs)
-
-    async def get(self, path: str, **kwargs: Any) -> Any:
-        return await self.client.get(f"http://mpcapi.test{path}", **kwargs)
-
-    async def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        """Every sample of /metrics by (name, sorted labels)."""
-        response = await self.get("/metrics", headers=BEARER)
-        assert response.code == 200, await response.text()
-        text = (await response.content()).decode()
-        return {
-            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-        }
-
-    async def stats(self) -> Any:
-        response = await self.get("/api/stats", headers=BEARER)
-        assert response.code == 200
-        return json.loads(await response.content())
+def observed(**overrides: Any) -> Harness:
+    """The shared harness with an admin key, its clock at a known time."""
+    return make_harness(now=NOW, **{"admin_key": ADMIN, **overrides})
 
 
-def observed(**overrides: Any) -> Observed:
-    settings = Settings(
-        **{
-            "litellm_base_url": UPSTREAM,
-            "litellm_api_key": "sk-ours",
-            "admin_key": ADMIN,
-            **overrides,
-        }
-    )
-    fake, clock = FakeLiteLLM(), Clock()
-    clock.advance(1_795_000_000)
-    upstream_stub = StubTreq(fake)
-    upstream = LiteLLMClient(
-        base_url=settings.litellm_base_url,
-        api_key=settings.litellm_api_key,
-        http=upstream_stub,
-        clock=clock,
-        timeout=settings.litellm_timeout,
-    )
-    metrics = Metrics(clock)
-    gateway = Gateway(settings, upstream, clock, metrics=metrics)
-    return Observed(fake, clock, upstream_stub, StubTreq(gateway.resource()), metrics)
+async def scrape(o: Harness) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics by (name, sorted labels)."""
+    response = await o.get("/metrics", headers=BEARER)
+    assert response.code == 200, await response.text()
+    text = (await response.content()).decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def stats_of(o: Harness) -> Any:
+    response = await o.get("/api/stats", headers=BEARER)
+    assert response.code == 200
+    return json.loads(await response.content())
 
 
 def labels(**values: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(values.items()))
 
 
-async def known_traffic(o: Observed) -> None:
+async def known_traffic(o: Harness) -> None:
     """3 chats (3+1 tokens, $0.001 each), 1 embedding, 1 schema violation, 1 unknown route,
     1 chat that LiteLLM fails with a 500, and a health check."""
     o.fake.routes[("POST", "/chat/completions")] = answer(
@@ -121,7 +77,7 @@ async def known_traffic(o: Observed) -> None:
 async def test_metric_families_count_known_traffic_exactly() -> None:
     o = observed()
     await known_traffic(o)
-    samples = await o.scrape()
+    samples = await scrape(o)
 
     def requests(route: str, method: str, status: str, model: str) -> float:
         key = labels(route=route, method=method, status=status, model=model)
@@ -283,8 +239,8 @@ async def test_stats_sum_up_known_traffic() -> None:
     o = observed()
     await known_traffic(o)
     await o.get("/metrics", headers=BEARER)  # admin and health traffic is not API traffic
-    stats = await o.stats()
-    assert stats["now"] == 1_795_000_000
+    stats = await stats_of(o)
+    assert stats["now"] == NOW
     assert stats["workers"] == 1
     totals = stats["totals"]
     assert totals["requests"] == 7

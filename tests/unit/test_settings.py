@@ -81,11 +81,27 @@ def test_base_url_trailing_slash_is_dropped_and_prefix_kept(tmp_path: Path) -> N
     assert settings.litellm_base_url == "https://gw.example/litellm"
 
 
+def test_several_base_urls(tmp_path: Path) -> None:
+    settings = load(tmp_path, {"LITELLM_BASE_URL": " http://a:4000/ , http://b:4000/litellm,"})
+    assert settings.litellm_base_url == "http://a:4000,http://b:4000/litellm"
+    assert settings.litellm_base_urls == ["http://a:4000", "http://b:4000/litellm"]
+    assert load(tmp_path).litellm_base_urls == ["http://litellm:4000"]
+
+
 def test_secrets_are_masked(tmp_path: Path) -> None:
     settings = load(tmp_path, {"LITELLM_API_KEY": "sk-very-secret"})
     assert settings.litellm_api_key == "sk-very-secret"
     assert settings.masked()["litellm_api_key"] == "***"
     assert "sk-very-secret" not in repr(settings.masked())
+
+
+def test_the_redis_password_is_masked(tmp_path: Path) -> None:
+    settings = load(tmp_path, {"MPCAPI_REDIS_URL": "redis://:hunter2@cache:6379/0"})
+    assert settings.masked()["redis_url"] == "redis://:***@cache:6379/0"
+    settings = load(tmp_path, {"MPCAPI_REDIS_URL": "redis://mpc:hunter2@cache/1"})
+    assert settings.masked()["redis_url"] == "redis://mpc:***@cache/1"
+    assert "hunter2" not in repr(settings.masked())
+    assert load(tmp_path).masked()["redis_url"] == ""
 
 
 @pytest.mark.parametrize(
@@ -96,6 +112,10 @@ def test_secrets_are_masked(tmp_path: Path) -> None:
         ({}, {"port": "-1"}, "--port:"),
         ({"LITELLM_BASE_URL": "litellm:4000"}, {}, "LITELLM_BASE_URL:"),
         ({"LITELLM_BASE_URL": "ftp://litellm"}, {}, "LITELLM_BASE_URL:"),
+        ({"LITELLM_BASE_URL": "http://a:4000,litellm:4000"}, {}, "LITELLM_BASE_URL:"),
+        ({"LITELLM_BASE_URL": "http://a:4000,http://a:4000/"}, {}, "LITELLM_BASE_URL:"),
+        ({"LITELLM_BASE_URL": " , "}, {}, "LITELLM_BASE_URL:"),
+        ({"MPCAPI_UPSTREAM_PROBE_SECONDS": "0"}, {}, "MPCAPI_UPSTREAM_PROBE_SECONDS:"),
         ({"LITELLM_TIMEOUT": "-5"}, {}, "LITELLM_TIMEOUT:"),
         ({"LITELLM_TIMEOUT": "soon"}, {}, "LITELLM_TIMEOUT:"),
         ({"LITELLM_TIMEOUT": "nan"}, {}, "LITELLM_TIMEOUT:"),

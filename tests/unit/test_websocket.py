@@ -727,6 +727,207 @@ def test_a_bug_is_a_500_without_internals(
     assert client.messages[-1]["id"] == "b"
 
 
+# Rate limits and the response cache: the HTTP routes' policy, for every message
+
+
+def http_chat(harness: Harness, body: Any = None) -> tuple[Any, Any]:
+    """A non-streamed POST /api/chat/completions to the same gateway: response, document."""
+    stub: Any = StubTreq(harness.gateway.resource())
+    result: list[Any] = []
+    url = "http://mpcapi.test/api/chat/completions"
+    stub.post(url, data=json.dumps(body or CHAT).encode()).addBoth(result.append)
+    for _ in range(5):
+        harness.upstream_stub.flush()
+        stub.flush()
+    [response] = result
+    content: list[Any] = []
+    response.json().addBoth(content.append)
+    stub.flush()
+    return response, content[0]
+
+
+def chat_stream(*texts: str, **choice: Any) -> list[bytes]:
+    """The events of a streamed chat answer saying ``texts``, with its usage chunk."""
+    base = {"id": "chatcmpl-9", "object": "chat.completion.chunk", "created": 7, "model": "m"}
+
+    def delta(values: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        entry = {"index": 0, "delta": values, "finish_reason": finish, **choice}
+        return {**base, "choices": [entry]}
+
+    chunks = [delta({"role": "assistant", "content": ""})]
+    chunks += [delta({"content": text}) for text in texts]
+    chunks.append(delta({}, "stop"))
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    chunks.append({**base, "choices": [], "usage": usage})
+    return [b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks] + [b"data: [DONE]\n\n"]
+
+
+def text_of(messages: list[dict[str, Any]]) -> str:
+    return "".join(
+        m["data"]["choices"][0]["delta"].get("content") or ""
+        for m in messages
+        if m["type"] == "chunk" and m["data"]["choices"]
+    )
+
+
+def test_a_message_over_the_rate_limit_gets_a_429_and_the_socket_stays_open(
+    logged: list[LogEvent],
+) -> None:
+    harness = Harness(default_rpm=2)
+    harness.fake.routes[("POST", "/chat/completions")] = whole_stream(b"data: [DONE]\n\n")
+    response, _ = http_chat(harness)  # HTTP and WebSocket count in one window per address
+    assert response.code == 200
+    client = harness.open()
+    harness.step(12)
+    harness.request(client, "a")
+    harness.request(client, "b")
+    assert client.of("a") == [{"id": "a", "type": "done"}]
+    assert client.of("b") == [
+        {
+            "id": "b",
+            "type": "error",
+            "status": 429,
+            "error": "Too Many Requests",
+            "message": "rate limit of 2 requests per minute reached; retry in 48s",
+            "request_id": logged[-1]["request_id"],
+            "retry_after": "48",
+        }
+    ]
+    assert len(harness.fake.seen) == 2  # the refused request never reached LiteLLM
+    assert (logged[-1]["status"], logged[-1]["outcome"]) == (429, "refused")
+    assert logged[-1]["rate_limited"] is True
+    assert client.opened and not client.closed
+    harness.step(48)
+    harness.request(client, "c")
+    assert client.of("c") == [{"id": "c", "type": "done"}]
+
+
+def test_tokens_of_socket_streams_count_against_the_tokens_limit() -> None:
+    harness = Harness(default_tpm=5)
+    harness.fake.routes[("POST", "/chat/completions")] = whole_stream(*chat_stream("Hi"))
+    client = harness.open()
+    harness.request(client, "a", {**CHAT, "stream_options": {"include_usage": True}})
+    assert client.of("a")[-1] == {"id": "a", "type": "done"}
+    harness.request(client, "b")
+    [refusal] = client.of("b")
+    assert (refusal["status"], refusal["retry_after"]) == (429, "60")
+    assert "5 tokens per minute" in refusal["message"]
+    response, document = http_chat(harness)  # and over HTTP too
+    assert response.code == 429
+    assert document["error"] == "Too Many Requests"
+
+
+def test_socket_limits_are_per_client_key() -> None:
+    from tests.unit.test_limits import FakeKeys, client_key
+
+    harness = Harness(auth="keys", default_rpm=1)
+    keys = {"key_a": client_key("key_a", "alice"), "key_b": client_key("key_b", "bob", rpm=2)}
+    harness.gateway.websockets.keys = FakeKeys(keys)  # type: ignore[assignment]
+    harness.fake.routes[("POST", "/chat/completions")] = whole_stream(b"data: [DONE]\n\n")
+    alice = harness.open(headers={"Authorization": "Bearer key_a"})
+    bob = harness.open(headers={"Authorization": "Bearer key_b"})
+    for number in range(3):
+        harness.request(alice, f"a{number}")
+        harness.request(bob, f"b{number}")
+    assert [m["type"] for m in alice.messages] == ["done", "error", "error"]
+    assert [m["type"] for m in bob.messages] == ["done", "done", "error"]
+    assert {m["status"] for m in alice.messages + bob.messages if m["type"] == "error"} == {429}
+
+
+def test_an_answer_stored_over_http_is_replayed_on_the_socket(logged: list[LogEvent]) -> None:
+    harness = Harness(cache_ttl=60)
+    response, _ = http_chat(harness)
+    assert response.headers.getRawHeaders("x-mpcapi-cache") == ["miss"]
+    client = harness.open()
+    harness.request(client, "a", {**CHAT, "stream_options": {"include_usage": True}})
+    assert len(harness.fake.seen) == 1  # LiteLLM was not asked again
+    messages = client.of("a")
+    assert text_of(messages) == "Hi"
+    assert messages[-2]["data"]["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 1,
+        "total_tokens": 4,
+    }
+    assert messages[-1] == {"id": "a", "type": "done", "cache": "hit"}
+    assert (logged[-1]["status"], logged[-1]["cache"]) == (200, "hit")
+    assert logged[-1]["upstream_status"] is None
+    assert harness.gateway.cache.hits == 1
+
+
+def test_a_socket_answer_is_stored_and_replayed_to_the_socket_and_http() -> None:
+    harness = Harness(cache_ttl=60)
+    harness.fake.routes[("POST", "/chat/completions")] = whole_stream(*chat_stream("Hel", "lo"))
+    client = harness.open()
+    harness.request(client, "a")
+    # Asked for its usage (the stored answer keeps it), which the client did not ask to see.
+    assert harness.seen_body()["stream_options"] == {"include_usage": True}
+    first = client.of("a")
+    assert all(m["data"]["choices"] for m in first[:-1])
+    assert first[-1] == {"id": "a", "type": "done", "cache": "miss"}
+    harness.request(client, "b", {**CHAT, "stream": False})  # delivery fields do not matter
+    second = client.of("b")
+    assert len(harness.fake.seen) == 1
+    assert text_of(second) == "Hello"
+    assert second[-2]["data"]["choices"][0]["finish_reason"] == "stop"
+    assert second[-1] == {"id": "b", "type": "done", "cache": "hit"}
+    response, document = http_chat(harness)
+    assert response.headers.getRawHeaders("x-mpcapi-cache") == ["hit"]
+    assert document["object"] == "chat.completion"
+    assert document["choices"] == [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Hello"},
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+    ]
+    assert document["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+
+
+def test_the_cache_field_of_a_message(logged: list[LogEvent]) -> None:
+    harness = Harness(cache_ttl=60)
+    harness.fake.routes[("POST", "/chat/completions")] = whole_stream(*chat_stream("Hi"))
+    client = harness.open()
+    harness.request(client, "a", cache="no-store")
+    assert harness.seen_body() == {**CHAT, "stream": True}  # nothing to store: no usage asked
+    assert client.of("a")[-1] == {"id": "a", "type": "done", "cache": "miss"}
+    harness.request(client, "b")  # a miss again: "a" was not stored; "b" is
+    assert client.of("b")[-1] == {"id": "b", "type": "done", "cache": "miss"}
+    harness.request(client, "c", cache="no-cache")
+    assert client.of("c")[-1] == {"id": "c", "type": "done", "cache": "bypass"}
+    harness.request(client, "d")
+    assert client.of("d")[-1] == {"id": "d", "type": "done", "cache": "hit"}
+    assert len(harness.fake.seen) == 3
+    assert [entry["cache"] for entry in logged] == ["miss", "miss", "bypass", "hit"]
+    harness.request(client, "e", cache="maybe")
+    [error] = client.of("e")
+    assert (error["status"], error["message"]) == (400, '"cache" must be "no-cache" or "no-store"')
+
+
+def test_a_stream_that_a_replay_could_not_give_back_is_not_stored() -> None:
+    harness = Harness(cache_ttl=60)
+    logprobs = {"content": [{"token": "Hi", "logprob": -0.1}]}
+    harness.fake.routes[("POST", "/chat/completions")] = whole_stream(
+        *chat_stream("Hi", logprobs=logprobs)
+    )
+    client = harness.open()
+    harness.request(client, "a")
+    harness.request(client, "b")
+    assert client.of("b")[-1] == {"id": "b", "type": "done", "cache": "miss"}
+    assert len(harness.fake.seen) == 2
+
+
+def test_a_refused_or_failed_stream_is_not_stored() -> None:
+    harness = Harness(cache_ttl=60)
+    harness.fake.routes[("POST", "/chat/completions")] = whole_stream(*chat_stream("Hi")[:-1])
+    client = harness.open()
+    harness.request(client, "a")  # no [DONE]: a 502
+    assert client.of("a")[-1]["status"] == 502
+    harness.fake.routes[("POST", "/chat/completions")] = whole_stream(*chat_stream("Hi"))
+    harness.request(client, "b")
+    assert client.of("b")[-1] == {"id": "b", "type": "done", "cache": "miss"}
+
+
 # The SSE parser
 
 
