@@ -128,7 +128,7 @@ class Gateway:
                 "status": "ok",
                 "service": "mpc-api",
                 "timestamp": iso_millis(self.clock.seconds()),
-                "litellm_url": self.settings.litellm_base_url,
+                "litellm_url": self.settings.masked()["litellm_base_url"],
                 "version": __version__,
             },
         )
@@ -141,7 +141,7 @@ class Gateway:
         balancer = self.upstream.balancer
         ok = balancer.ready
         # "litellm" keeps the shape of the days of one instance; "upstreams" has each one.
-        check: dict[str, Any] = {"url": self.settings.litellm_base_url}
+        check: dict[str, Any] = {"url": self.settings.masked()["litellm_base_url"]}
         answered = [u for u in balancer.instances if u.healthy] or balancer.instances
         if answered[0].status is not None:
             check["status"] = answered[0].status

@@ -20,6 +20,8 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from mpcapi.settings import without_password
+
 log = Logger(namespace="mpcapi.balancer")
 
 
@@ -40,10 +42,15 @@ class Upstream:
     latency_ms: float | None = None  # duration of its last liveness probe
     # Parsed URLs by path, filled by the client (parsing per request would cost on the hot path).
     urls: dict[str, EncodedURL] = attrs.field(factory=dict, repr=False)
+    # The URL as logs, errors and /health/ready show it: without a password, if it has one.
+    name: str = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.name = without_password(self.base_url)
 
     def report(self) -> dict[str, Any]:
         return {
-            "url": self.base_url,
+            "url": self.name,
             "status": self.status,
             "healthy": self.healthy,
             "in_flight": self.in_flight,
@@ -108,10 +115,10 @@ class Balancer:
         if instance.healthy:
             instance.healthy = False
             # Our reasons start with "LiteLLM at <url>": not twice in one line.
-            why = reason.removeprefix(f"LiteLLM at {instance.base_url} ")
+            why = reason.removeprefix(f"LiteLLM at {instance.name} ")
             log.warn(
                 "LiteLLM at {upstream} is out: it {why}",
-                upstream=instance.base_url,
+                upstream=instance.name,
                 why=why,
                 reason=reason,
             )
@@ -121,7 +128,7 @@ class Balancer:
         instance.error = None
         if not instance.healthy:
             instance.healthy = True
-            log.info("LiteLLM at {upstream} is back in", upstream=instance.base_url)
+            log.info("LiteLLM at {upstream} is back in", upstream=instance.name)
 
     @property
     def ready(self) -> bool:

@@ -250,6 +250,25 @@ def apply_migrations(
 # --- the daemon's way in ------------------------------------------------------------------------
 
 
+class _QuietConnection(adbapi.Connection):
+    """adbapi's pooled connection, without the "Rollback failed" tracebacks it logs for every
+    pooled connection a database restart broke (the ledger logs the outage once); the broken
+    connection is still dropped and made anew, as adbapi does."""
+
+    def rollback(self) -> None:
+        connection: Any = self._connection
+        try:
+            connection.rollback()
+            cursor = connection.cursor()
+            cursor.execute(self._pool.good_sql)
+            cursor.close()
+            connection.commit()
+        except Exception:
+            # Dropped, to be made anew by the next query; the query's own error (raised by
+            # adbapi after this) says what happened.
+            self._pool.disconnect(connection)
+
+
 class Database:
     """Non-blocking access through an adbapi pool (one connection for SQLite, whose writes
     are serial anyway; a few for PostgreSQL). Migrations run before the first query."""
@@ -269,6 +288,8 @@ class Database:
             **self.dialect.connect_kwargs,
             **options,
         )
+        if self.dialect.name != "sqlite":  # only reconnecting pools roll back this way
+            self.pool.connectionFactory = _QuietConnection
         self._lock = defer.DeferredLock()
         self._up_to_date = False
 

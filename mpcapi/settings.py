@@ -137,7 +137,7 @@ def _database_url(raw: Any) -> str:
     return text
 
 
-def _without_password(url: str) -> str:
+def without_password(url: str) -> str:
     """``url`` with the password of its user part (``user:password@``) masked."""
     scheme, separator, rest = url.partition("://")
     user_part, at, host_part = rest.rpartition("@")
@@ -461,8 +461,11 @@ class Settings:
         for setting in SETTINGS:
             if setting.secret and values[setting.name]:
                 values[setting.name] = "***"
-        values["database_url"] = _without_password(self.database_url)
-        values["redis_url"] = _without_password(self.redis_url)
+        values["database_url"] = without_password(self.database_url)
+        values["redis_url"] = without_password(self.redis_url)
+        values["litellm_base_url"] = ",".join(
+            without_password(url) for url in self.litellm_base_url.split(",")
+        )
         return values
 
 

@@ -48,7 +48,7 @@ from zope.interface import implementer
 
 from mpcapi.balancer import Balancer, Upstream, split_urls
 from mpcapi.errors import ApiError, bad_gateway, gateway_timeout
-from mpcapi.settings import Settings
+from mpcapi.settings import Settings, without_password
 
 # Headers of LiteLLM's answers that reach the client: what SDKs need to parse and back off.
 RELAYED_HEADERS = (b"content-type", b"retry-after")
@@ -316,7 +316,7 @@ class LiteLLMClient:
         except Exception as failure:
             if timed_out:
                 raise gateway_timeout(
-                    f"LiteLLM at {upstream.base_url} did not answer within {limit:g} s"
+                    f"LiteLLM at {upstream.name} did not answer within {limit:g} s"
                 ) from None
             if _cancelled(failure):  # the client left; nobody is waiting for an answer
                 raise defer.CancelledError() from None
@@ -327,7 +327,7 @@ class LiteLLMClient:
                 raise unreachable(
                     502,
                     "Bad Gateway",
-                    f"LiteLLM at {upstream.base_url} is unreachable: {_reason(failure)}",
+                    f"LiteLLM at {upstream.name} is unreachable: {_reason(failure)}",
                     upstream_failure="unreachable",
                 ) from None
             raise
@@ -347,14 +347,13 @@ class LiteLLMClient:
             response = await self._exchange(
                 upstream, "GET", LITELLM_LIVENESS_PATH, headers, None, limit, limit
             )
-            collector = BodyCollector(self.clock, limit, upstream.base_url)
+            collector = BodyCollector(self.clock, limit, upstream.name)
             response.deliverBody(collector)
             await collector.done
             upstream.status = response.code
             if response.code != 200:
                 problem = (
-                    f"LiteLLM at {upstream.base_url} answered its liveness probe "
-                    f"with {response.code}"
+                    f"LiteLLM at {upstream.name} answered its liveness probe with {response.code}"
                 )
         except ApiError as failure:
             problem = failure.message
@@ -375,9 +374,9 @@ class LiteLLMClient:
         )
 
     def source(self, response: IResponse) -> str:
-        """The base URL of the instance that sent ``response``."""
+        """The URL (as shown) of the instance that sent ``response``."""
         upstream = getattr(response, "upstream", None)
-        return upstream.base_url if upstream is not None else self.base_url
+        return upstream.name if upstream is not None else without_password(self.base_url)
 
     def read_body(self, response: IResponse) -> defer.Deferred[bytes]:
         """Collect the whole body; 504 after ``timeout`` s of silence, 502 if cut short."""

@@ -673,7 +673,7 @@ class UpstreamStream(UpstreamBody):
                 status,
                 body,
                 our_key=bool(settings.litellm_api_key),
-                base_url=settings.litellm_base_url,
+                base_url=settings.masked()["litellm_base_url"],
             )
         except ApiError as problem:
             return problem

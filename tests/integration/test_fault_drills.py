@@ -23,7 +23,6 @@ import openai
 import psycopg
 import pytest
 
-from mpcapi.database import Database
 from tests.databases import own_postgres
 from tests.redisserver import REDIS_SERVER, RedisServer, free_port
 
@@ -506,8 +505,7 @@ def test_postgresql_killed_under_load_and_restarted(start_mpcapi: StartDaemon) -
         assert log.count("usage database unreachable") == 1
         assert log.count("usage database is back") == 1
         assert " 500 " not in log
-        # twisted's adbapi logs "Rollback failed" with a traceback (twice) for each pooled
-        # connection the kill broke: bounded by the pool's size, not by the traffic. Nothing
-        # else may log a traceback.
-        rollbacks = log.count("Rollback failed")
-        assert log.count("Traceback") == rollbacks <= 2 * Database.POSTGRES_MAX_CONNECTIONS
+        # No traceback (adbapi's "Rollback failed" for every broken pooled connection is
+        # silenced: the outage is logged once, above).
+        assert "Rollback failed" not in log
+        assert "Traceback" not in log

@@ -437,3 +437,22 @@ def test_the_ledger_can_be_switched_off(tmp_path: object) -> None:
     assert ledgers(Settings(port=0, database_url=database, usage_ledger=False)) == []
     (ledger,) = ledgers(Settings(port=0, database_url=database))
     ledger.database.close()  # type: ignore[attr-defined]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_password_in_the_litellm_url_is_never_shown() -> None:
+    harness = make_harness(litellm_base_url="http://gw:s3cret@litellm.test:4000")
+    harness.fake.routes[("GET", "/health/liveliness")] = answer(500, {"error": "down"})
+    harness.fake.routes[("POST", "/chat/completions")] = answer(
+        401, {"error": {"message": "bad key", "type": "auth_error"}}
+    )
+    shown = []
+    for response in (
+        await harness.get("/health"),
+        await harness.get("/health/ready"),
+        await harness.post("/api/chat/completions", CHAT),
+    ):
+        shown.append((response.code, (await response.content()).decode()))
+    assert [code for code, _ in shown] == [200, 503, 502]
+    assert all("s3cret" not in text for _, text in shown)
+    assert "http://gw:***@litellm.test:4000" in shown[2][1]

@@ -104,6 +104,15 @@ def test_the_redis_password_is_masked(tmp_path: Path) -> None:
     assert load(tmp_path).masked()["redis_url"] == ""
 
 
+def test_litellm_passwords_are_masked(tmp_path: Path) -> None:
+    urls = "http://proxy:s3cret@litellm-a:4000,http://litellm-b:4000"
+    settings = load(tmp_path, {"LITELLM_BASE_URL": urls})
+    assert settings.masked()["litellm_base_url"] == (
+        "http://proxy:***@litellm-a:4000,http://litellm-b:4000"
+    )
+    assert "s3cret" not in repr(settings.masked())
+
+
 @pytest.mark.parametrize(
     ("environ", "options", "names"),
     [
