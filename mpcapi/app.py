@@ -6,8 +6,9 @@ that assume an OpenAI-style base URL).
 
 from __future__ import annotations
 
+import functools
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from klein import Klein
@@ -53,7 +54,9 @@ from mpcapi.timestamps import iso_millis
 from mpcapi.upstream import LiteLLMClient, check_upstream_status, relayed_headers
 from mpcapi.usage import usage_of_answer
 from mpcapi.validation import RequestValidator
-from mpcapi.websocket import WebSocketEndpoint
+
+if TYPE_CHECKING:
+    from mpcapi.websocket import WebSocketEndpoint
 
 log = Logger(namespace="mpcapi.app")
 
@@ -90,22 +93,31 @@ class Gateway:
         self.clock = clock
         self.validator = validator or RequestValidator()
         self.keys = keys  # checks client keys; None when MPCAPI_AUTH=off
-        self.websockets = WebSocketEndpoint(settings, upstream, clock, self.validator)
-        self.websockets.keys = keys
-        if ledger is not None:  # WebSocket requests have their rows too
+        if ledger is not None:
             ledger.report_queue = self.metrics.usage_queue.set
-            self.websockets.observers.append(ledger.observe)
-            self.websockets.check_budget = ledger.check_budget
-            self.websockets.counts_usage = True
         # Rate limits and the response cache, in Redis when redis_url is set (see limits, cache).
         self.redis = RedisClient.from_settings(settings, clock)
         self.limiter = RateLimiter.from_settings(settings, clock, self.redis)
         self.cache = ResponseCache.from_settings(settings, clock, self.redis)
-        # WebSocket messages go through the same limits and cache as HTTP requests.
-        self.websockets.limiter, self.websockets.cache = self.limiter, self.cache
-        self.websockets.observers.append(self.limiter.count_tokens)
         # GET /openapi.json: built once, from the routes above and the validator's schemas.
         self.openapi = document_bytes(self.app.url_map, settings)
+
+    @functools.cached_property
+    def websockets(self) -> WebSocketEndpoint:
+        """The WebSocket endpoint, made on first use: autobahn, which it needs, would cost
+        every worker some 6 MiB that deployments without WebSocket clients never use."""
+        from mpcapi.websocket import WebSocketEndpoint
+
+        endpoint = WebSocketEndpoint(self.settings, self.upstream, self.clock, self.validator)
+        endpoint.keys = self.keys
+        if self.ledger is not None:  # WebSocket requests have their rows too
+            endpoint.observers.append(self.ledger.observe)
+            endpoint.check_budget = self.ledger.check_budget
+            endpoint.counts_usage = True
+        # WebSocket messages go through the same limits and cache as HTTP requests.
+        endpoint.limiter, endpoint.cache = self.limiter, self.cache
+        endpoint.observers.append(self.limiter.count_tokens)
+        return endpoint
 
     def resource(self) -> IResource:
         observers = [self.limiter.count_tokens, self.metrics.observe]

@@ -112,7 +112,8 @@ class Reloader:
         upstream.timeout = settings.litellm_timeout
         upstream.probe_timeout = settings.ready_timeout
         gateway.settings = settings
-        gateway.websockets.settings = settings  # what WebSocket requests read from now on
+        if "websockets" in vars(gateway):  # made on first use: then it reads them itself
+            gateway.websockets.settings = settings  # what WebSocket requests read from now on
         gateway.limiter.default_rpm = settings.default_rpm
         gateway.limiter.default_tpm = settings.default_tpm
         gateway.openapi = document_bytes(gateway.app.url_map, settings)

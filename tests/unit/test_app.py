@@ -456,3 +456,25 @@ async def test_a_password_in_the_litellm_url_is_never_shown() -> None:
     assert [code for code, _ in shown] == [200, 503, 502]
     assert all("s3cret" not in text for _, text in shown)
     assert "http://gw:***@litellm.test:4000" in shown[2][1]
+
+
+def test_autobahn_is_loaded_only_for_the_first_websocket() -> None:
+    """A worker that never sees a WebSocket client does not carry autobahn in memory."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from twisted.internet import reactor\n"
+        "from mpcapi.settings import Settings\n"
+        "from mpcapi.tap import build_service\n"
+        "build_service(Settings(usage_ledger=False), reactor)\n"
+        "print(any(name.startswith('autobahn') for name in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "False"
+    gateway = make_harness().gateway
+    assert gateway is not None
+    assert gateway.websockets is gateway.websockets  # made once, on first use
