@@ -139,19 +139,44 @@ def make_http_client(reactor: Any, pool: HTTPConnectionPool, settings: Settings)
     """treq's HTTPClient on our pool; cookies refused, so no state leaks between clients."""
     endpoints = _ReusedEndpoints(reactor, settings.connect_timeout)
     agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
-    no_cookies: Any = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
-    return treq.client.HTTPClient(agent, cookiejar=no_cookies, data_to_body_producer=BytesProducer)
+    jar: Any = _NO_COOKIES  # treq's type names its own jar class; any CookieJar works
+    return treq.client.HTTPClient(agent, cookiejar=jar, data_to_body_producer=BytesProducer)
 
 
 class _WireURL(EncodedURL):
-    """A URL already in its wire form: treq need not IDNA-encode it on every request."""
+    """A URL already in its wire form: treq need not IDNA-encode it, nor write it out again,
+    on every request."""
+
+    _text: str | None = None
 
     def to_uri(self) -> _WireURL:  # type: ignore[override]
         return self
 
+    def to_text(self, with_password: bool = False) -> str:
+        if with_password:
+            return super().to_text(with_password)
+        if self._text is None:
+            self._text = super().to_text()
+        return self._text
 
-# Passed as each request's cookies: treq would otherwise build an empty jar per request.
-_NO_COOKIES = CookieJar()
+
+class _NoCookies(CookieJar):
+    """A jar that never sends nor keeps a cookie, so no state passes between clients; treq's
+    cookie handling would otherwise run the standard library's cookie policy on every request
+    and every answer."""
+
+    def __init__(self) -> None:
+        super().__init__(policy=DefaultCookiePolicy(allowed_domains=[]))
+
+    def add_cookie_header(self, request: Any) -> None:
+        pass
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        pass
+
+
+# The client's jar, and each request's cookies (treq would build an empty jar per request).
+_NO_COOKIES = _NoCookies()
 
 
 def _cancelled(failure_value: BaseException) -> bool:

@@ -397,3 +397,44 @@ async def test_connections_past_the_cap_get_503(running: Any) -> None:
     assert first.received.startswith(b"HTTP/1.1 200 "), "connections within the cap are served"
     for client in (first, second):
         client.transport.loseConnection()
+
+
+class CookieSetter(Resource):
+    """Sets a cookie on every answer and notes the Cookie header of every request."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cookies: list[bytes | None] = []
+
+    def render(self, request: Any) -> bytes:
+        self.cookies.append(request.getHeader(b"cookie"))
+        request.setHeader(b"set-cookie", b"session=abc; Path=/")
+        request.setHeader(b"content-type", b"application/json")
+        return b'{"object": "list", "data": []}'
+
+
+@pytest_twisted.ensureDeferred
+async def test_cookies_set_by_litellm_are_never_sent_back() -> None:
+    """No state passes from one client's request to another's through cookies."""
+    upstream = CookieSetter()
+    listening = reactor.listenTCP(0, Site(upstream), interface="127.0.0.1")  # type: ignore[attr-defined]
+    base = f"http://127.0.0.1:{listening.getHost().port}"
+    settings = Settings(litellm_base_url=base)
+    pool = make_pool(reactor, settings)
+    client = LiteLLMClient(
+        base_url=base,
+        api_key="",
+        http=make_http_client(reactor, pool, settings),
+        clock=reactor,  # type: ignore[arg-type]
+        timeout=5,
+    )
+    try:
+        for _ in range(3):
+            response = await client.send("GET", "/models", request_id="r")
+            await client.read_body(response)
+        assert upstream.cookies == [None, None, None]
+    finally:
+        await pool.closeCachedConnections()
+        await listening.stopListening()
