@@ -87,7 +87,10 @@ def _quoted(column: str) -> str:
     return '"user"' if column == "user" else column
 
 
-ROWS_PER_INSERT = 200  # 4,200 parameters per statement: under SQLite's and PostgreSQL's limits
+# Rows per INSERT statement, largest first: a batch is cut into these sizes only, so the
+# drivers prepare (and keep) four statements, not one per batch size. 200 rows are 4,200
+# parameters: under SQLite's and PostgreSQL's limits.
+STATEMENT_SIZES = (200, 50, 10, 1)
 
 
 @functools.cache
@@ -259,16 +262,18 @@ _DEFAULTS = {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "cost_
 def insert_rows(cursor: Cursor, rows: Sequence[Mapping[str, Any]]) -> int:
     """Insert rows, skipping request ids already stored; return how many were new."""
     # Many rows per statement: one database step (one release of the GIL, one round trip to
-    # PostgreSQL) per ROWS_PER_INSERT rows, where executemany would take one per row.
-    stored = 0
-    for start in range(0, len(rows), ROWS_PER_INSERT):
-        chunk = rows[start : start + ROWS_PER_INSERT]
+    # PostgreSQL) for up to 200 rows, where executemany would take one per row.
+    stored, start = 0, 0
+    while start < len(rows):
+        size = next(size for size in STATEMENT_SIZES if size <= len(rows) - start)
+        chunk = rows[start : start + size]
+        start += size
         values = [
             _DEFAULTS.get(column) if row.get(column) is None else row[column]
             for row in chunk
             for column in COLUMNS
         ]
-        stored += max(cursor.execute(insert_statement(len(chunk)), values).rowcount, 0)
+        stored += max(cursor.execute(insert_statement(size), values).rowcount, 0)
     return stored
 
 

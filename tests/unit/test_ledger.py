@@ -30,6 +30,7 @@ from mpcapi.keys import ClientKey, KeyAuthenticator, create_key
 from mpcapi.ledger import (
     FLUSH_EVERY,
     REDACTED,
+    STATEMENT_SIZES,
     PriceTable,
     UsageLedger,
     append_lines,
@@ -576,6 +577,31 @@ def test_a_full_queue_overflows_to_the_spool_file(sqlite_db: SyncDb, tmp_path: P
     clock.advance(FLUSH_EVERY)
     assert len(sqlite_db.rows()) == 5
     assert not (tmp_path / "spool.jsonl").exists()
+
+
+def test_any_batch_goes_in_with_a_few_statement_sizes(sqlite_db: SyncDb) -> None:
+    """The drivers keep every statement they prepare: batches of every size must not make
+    a new one each."""
+    texts: set[str] = set()
+
+    def counted(cursor: Any, rows: list[dict[str, Any]]) -> int:
+        execute = cursor.execute
+
+        def noting(statement: str, params: Any = ()) -> Any:
+            texts.add(statement)
+            return execute(statement, params)
+
+        cursor.execute = noting
+        return insert_rows(cursor, rows)
+
+    stored = 0
+    for size in (263, 7, 199, 1, 50):
+        rows = [{"request_id": f"b{size}-{n}", "created_at": "2026-11-27T00:00:00.000Z"}
+                for n in range(size)]  # fmt: skip
+        stored += sqlite_db.sync.run(counted, rows)
+    assert stored == 263 + 7 + 199 + 1 + 50
+    assert len(sqlite_db.rows()) == stored
+    assert len(texts) <= len(STATEMENT_SIZES)
 
 
 def test_each_flush_reports_the_rows_waiting(sqlite_db: SyncDb, tmp_path: Path) -> None:
