@@ -290,6 +290,8 @@ def start_mpcapi(
     workers: int | None,
     extra_env: dict[str, str] | None = None,
     name: str = "mpcapi",
+    wrapper: Sequence[str] = (),
+    ready_timeout: float = 30.0,
 ) -> Proc:
     """`twistd -n mpcapi` of the working tree in front of the upstream on `upstream`, with
     JSON log lines; ready and answering a chat request when this returns."""
@@ -309,9 +311,10 @@ def start_mpcapi(
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     if workers is not None:
         env["MPCAPI_WORKERS"] = str(workers)
-    argv = [str(VENV_BIN / "twistd"), "-n", "--pidfile=", "mpcapi"]
+    twistd = "from twisted.scripts.twistd import run; run()"
+    argv = [*wrapper, str(VENV_BIN / "python"), "-c", twistd, "-n", "--pidfile=", "mpcapi"]
     proc = sup.start(name, argv, port, env)
-    wait_ready(proc, f"http://127.0.0.1:{port}/health")
+    wait_ready(proc, f"http://127.0.0.1:{port}/health", ready_timeout)
     smoke_test(proc, f"http://127.0.0.1:{port}/api/chat/completions")
     return proc
 

@@ -70,16 +70,19 @@ def start_floor(sup: Supervisor) -> Proc:
     return proc
 
 
-def start_reference(sup: Supervisor, upstream: int) -> Proc:
+def start_reference(
+    sup: Supervisor, upstream: int, wrapper: Sequence[str] = (), ready_timeout: float = 30.0
+) -> Proc:
     port = free_port()
     argv = [
+        *wrapper,
         str(VENV_BIN / "python"),
         str(BENCH / "reference_proxy.py"),
         f"--port={port}",
         f"--upstream=http://127.0.0.1:{upstream}",
     ]
     proc = sup.start("reference", argv, port)
-    wait_ready(proc, f"http://127.0.0.1:{port}/api/models")
+    wait_ready(proc, f"http://127.0.0.1:{port}/api/models", ready_timeout)
     smoke_test(proc, f"http://127.0.0.1:{port}/api/chat/completions")
     return proc
 
@@ -514,6 +517,98 @@ def compare(
     return 0
 
 
+def instructions(args: argparse.Namespace, sup: Supervisor) -> int:
+    """Machine instructions per request, counted by valgrind's callgrind: the reference proxy,
+    MPC-API with the ledger off, on, and (ledger off) with limits and cache in memory and in
+    Redis, each driven by wrk after a warm-up, counters zeroed between the two. A count, not
+    a time: the same for the same work however busy the machine is, so it shows what each
+    layer costs where req/s only shows noise. (Under callgrind everything runs ~50 times
+    slower, so more requests arrive per reactor turn than at full speed: compare the targets
+    with each other, not with req/s.)"""
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        raise BenchError("--instructions needs valgrind (apt-get install valgrind)")
+    floor = start_floor(sup)
+    off = {**args.env, "MPCAPI_USAGE_LEDGER": "false"}
+    redis = {**off, **policy_env("redis", args.redis_url)}
+    targets: list[tuple[str, dict[str, str] | None]] = [
+        ("reference", None),
+        ("mpcapi (ledger off)", off),
+        ("mpcapi", dict(args.env)),
+        ("mpcapi (memory policy)", {**off, **policy_env("memory", args.redis_url)}),
+        ("mpcapi (Redis policy)", redis),
+    ]
+    rows: list[dict[str, Any]] = []
+    for label, env in targets:
+        dumps = sup.tmp / f"callgrind-{len(rows)}"
+        wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={dumps}.%p"]
+        if env is None:
+            proc = start_reference(sup, floor.port, wrapper, ready_timeout=180)
+        else:
+            name = f"mpcapi-{len(rows)}"
+            proc = start_mpcapi(sup, floor.port, 1, env, name, wrapper, ready_timeout=180)
+        url = f"http://127.0.0.1:{proc.port}{TARGET_PATHS['reference']}"
+        run_wrk(url, 8, 5, CHAT_UNIQUE_LUA)  # warm-up: imports, caches, pools
+        callgrind(proc, "-z")
+        result = run_wrk(url, 8, args.duration, CHAT_UNIQUE_LUA)
+        callgrind(proc, "-d")
+        total = sum(_summary(path) for path in sup.tmp.glob(f"{dumps.name}.*"))
+        proc.popen.terminate()
+        row = {
+            "target": label,
+            "requests": result["requests"],
+            "instructions": total,
+            "instructions_per_request": total / max(result["requests"], 1),
+            "error_count": error_count(result),
+        }
+        rows.append(row)
+        print(
+            f"   {label:<22} {row['requests']:>6,} requests"
+            f"  {row['instructions_per_request'] / 1e6:6.2f} M instructions per request",
+            flush=True,
+        )
+    clean_redis(args.redis_url, redis["MPCAPI_REDIS_PREFIX"])
+    per_request = {row["target"]: row["instructions_per_request"] for row in rows}
+    ratios = {
+        f"reference / {row['target']}": per_request["reference"] / row["instructions_per_request"]
+        for row in rows[1:]
+    }
+    for name in ("mpcapi", "mpcapi (memory policy)", "mpcapi (Redis policy)"):
+        ratios[f"ledger off / {name}"] = per_request["mpcapi (ledger off)"] / per_request[name]
+    print("\ninstruction ratios (a / b: the share of a's speed that b keeps; 1.0 = as cheap):")
+    for name, value in ratios.items():
+        print(f"  {name}: {value:.2f}")
+    data = {
+        "kind": "instructions",
+        "started": args.started,
+        "duration_s": args.duration,
+        "environment": environment(args),
+        "results": rows,
+        "ratios": ratios,
+    }
+    print(f"\nresults: {save('instructions', data)}")
+    return 0
+
+
+def callgrind(proc: Proc, command: str) -> None:
+    """``callgrind_control -z`` (zero the counters) or ``-d`` (dump them) for a process."""
+    subprocess.run(
+        ["callgrind_control", command, str(proc.popen.pid)],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+
+
+def _summary(path: Path) -> int:
+    """The instruction count of one callgrind dump made after the counters were zeroed."""
+    if path.suffix.lstrip(".").isdigit() and "." not in path.name.split(".", 1)[1]:
+        return 0  # the end-of-run dump (the whole life, start-up included): not counted
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -551,6 +646,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="usage ledger (SQLite, PostgreSQL) vs off, with the queue of rows sampled",
     )
+    p.add_argument(
+        "--instructions",
+        action="store_true",
+        help="instructions per request under valgrind's callgrind: reference vs MPC-API",
+    )
     p.add_argument("--rounds", type=int, default=2, help="policy and ledger modes: rounds (2)")
     p.add_argument(
         "--postgres-url",
@@ -585,6 +685,8 @@ def main(argv: list[str]) -> int:
             return policy(args, sup)
         if args.ledger:
             return ledger(args, sup)
+        if args.instructions:
+            return instructions(args, sup)
         return memory(args, sup) if args.memory else throughput(args, sup)
 
     return guarded(run, args.keep_tmp)

@@ -181,6 +181,9 @@ class RedisWindows:
         self._lease = lease
         self._pending: dict[str, int] = {}  # tokens not yet added in Redis
         self._known: dict[str, _Known] = {}
+        # Admissions waiting for the answer Redis is giving another one of the same identity:
+        # when the lease ends under load, one script renews it instead of one per request.
+        self._asking: dict[str, list[Deferred[None]]] = {}
         self._flush_call: IDelayedCall | None = None
         self.flushing: Deferred[None] | None = None  # the flush in progress, if any
 
@@ -202,18 +205,43 @@ class RedisWindows:
         return [self._redis.key("rl", "r", identity), self._redis.key("rl", "t", identity)]
 
     async def admit(self, identity: str, rpm: int, tpm: int) -> Counts:
+        waiters = self._asking.get(identity)
+        if waiters is not None:  # Redis is being asked for this identity: its answer may do
+            waiting: Deferred[None] = Deferred()
+            waiters.append(waiting)
+            await waiting
+        local = self._admit_locally(identity, rpm, tpm)
+        if local is not None:
+            return local
+        asking = identity not in self._asking
+        if asking:
+            self._asking[identity] = []
+        try:
+            return await self._ask(identity, rpm, tpm)
+        finally:  # the lease is renewed (or Redis failed): the waiters look again
+            if asking:
+                for waiting in self._asking.pop(identity):
+                    waiting.callback(None)
+
+    def _admit_locally(self, identity: str, rpm: int, tpm: int) -> Counts | None:
         now = self._clock.seconds()
         known = self._known.get(identity)
-        if known is not None and self._local_ok(identity, known, rpm, tpm, now):
-            known.unsynced += 1
-            self._schedule_flush()
-            return Counts(
-                True,
-                known.requests + known.unsynced,
-                known.requests_ends - now,
-                known.tokens + self._pending.get(identity, 0),
-                known.tokens_ends - now,
-            )
+        if known is None or not self._local_ok(identity, known, rpm, tpm, now):
+            return None
+        known.unsynced += 1
+        self._schedule_flush()
+        return Counts(
+            True,
+            known.requests + known.unsynced,
+            known.requests_ends - now,
+            known.tokens + self._pending.get(identity, 0),
+            known.tokens_ends - now,
+        )
+
+    async def _ask(self, identity: str, rpm: int, tpm: int) -> Counts:
+        """One atomic script: admit (or not), add what waited, renew the lease."""
+        now = self._clock.seconds()
+        known = self._known.get(identity)
         unsynced = known.unsynced if known is not None else 0
         if known is not None:
             known.unsynced = 0

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 from treq.testing import StubTreq
+from twisted.internet import defer, task
 from twisted.internet import reactor as global_reactor
-from twisted.internet import task
 from twisted.internet.task import Clock
 
 from mpcapi.app import Gateway
@@ -409,6 +409,27 @@ async def test_redis_high_limits_are_admitted_locally_between_scripts(
     assert (scripts, done) == (2, 2)
     assert (await windows.admit("addr:1", 2000, 0)).requests == 12
     assert scripts == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_admissions_while_the_lease_is_renewed_wait_for_that_one_script(
+    redis_client: RedisClient,
+) -> None:
+    windows = RedisWindows(redis_client, Clock())
+    scripts = 0
+    original = redis_client.eval
+
+    async def counted(*args: Any) -> Any:
+        nonlocal scripts
+        scripts += 1
+        return await original(*args)
+
+    redis_client.eval = counted  # type: ignore[method-assign]
+    together = [defer.ensureDeferred(windows.admit("addr:1", 2000, 0)) for _ in range(20)]
+    counts = await defer.gatherResults(together)
+    assert scripts == 1  # not one per admission: the other 19 used its answer
+    assert sorted(c.requests for c in counts) == list(range(1, 21))
+    assert all(c.allowed for c in counts)
 
 
 @pytest_twisted.ensureDeferred
