@@ -87,10 +87,30 @@ def _quoted(column: str) -> str:
     return '"user"' if column == "user" else column
 
 
-# Rows per INSERT statement, largest first: a batch is cut into these sizes only, so the
-# drivers prepare (and keep) four statements, not one per batch size. 200 rows are 4,200
-# parameters: under SQLite's and PostgreSQL's limits.
+# Rows per SQLite INSERT statement, largest first: a batch is cut into these sizes only, so
+# the driver prepares (and keeps) four statements, not one per batch size. 200 rows are
+# 4,200 parameters, under SQLite's limit.
 STATEMENT_SIZES = (200, 50, 10, 1)
+
+
+# PostgreSQL takes a batch as one array per column (``unnest``): a short statement that
+# psycopg parses once, where it would parse a long VALUES list (thousands of placeholders)
+# again on every execution.
+_PG_TYPES = {
+    "status": "integer",
+    "upstream_status": "integer",
+    "prompt_tokens": "integer",
+    "completion_tokens": "integer",
+    "latency_ms": "double precision",
+    "upstream_ms": "double precision",
+    "ttfb_ms": "double precision",
+    "cost_usd": "double precision",
+}
+_PG_ARRAYS = ", ".join(f"?::{_PG_TYPES.get(column, 'text')}[]" for column in COLUMNS)
+_PG_INSERT = (
+    f"INSERT INTO usage ({', '.join(_quoted(c) for c in COLUMNS)}) "
+    f"SELECT * FROM unnest({_PG_ARRAYS}) ON CONFLICT (request_id) DO NOTHING"
+)
 
 
 @functools.cache
@@ -261,8 +281,14 @@ _DEFAULTS = {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "cost_
 
 def insert_rows(cursor: Cursor, rows: Sequence[Mapping[str, Any]]) -> int:
     """Insert rows, skipping request ids already stored; return how many were new."""
-    # Many rows per statement: one database step (one release of the GIL, one round trip to
-    # PostgreSQL) for up to 200 rows, where executemany would take one per row.
+    if cursor.dialect.name == "postgresql":
+        columns = [
+            [_DEFAULTS.get(column) if row.get(column) is None else row[column] for row in rows]
+            for column in COLUMNS
+        ]
+        return max(cursor.execute(_PG_INSERT, columns).rowcount, 0) if rows else 0
+    # SQLite: many rows per statement, one database step (one release of the GIL) for up to
+    # 200 rows, where executemany would take one per row.
     stored, start = 0, 0
     while start < len(rows):
         size = next(size for size in STATEMENT_SIZES if size <= len(rows) - start)
