@@ -4,8 +4,9 @@ every check, zero failures, with client keys off (the default) and on.
 The runs are bounded (examples per operation, total time, request timeout); a failing run's
 report names every failing request with a curl command to reproduce it. The settings that are
 not defaults are explained in ``CONFIG``: LiteLLM's 400 for a model it does not serve counts as
-an accepted answer to a schema-valid body, and the keys of the two security schemes. The
-WebSocket routes are left to test_websocket.py (schemathesis speaks plain HTTP).
+an accepted answer to a schema-valid body, LiteLLM's own failures relayed as 502 are not ours,
+and the keys of the two security schemes. The WebSocket routes are left to test_websocket.py
+(schemathesis speaks plain HTTP).
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ CONFIG = """\
 [checks.positive_data_acceptance]
 expected-statuses = ["2xx", "3xx", "400", "401", "403", "404", "409", "429", "5xx"]
 
+# LiteLLM itself answers some schema-valid fuzzed bodies with a 500 (its mock models crash
+# on them: "'list' object has no attribute '__aiter__'"); MPC-API relays that as the 502 of
+# the HTTP contract. A 500 of our own, a 503 or a 504 still fails the run.
+[checks.not_a_server_error]
+expected-statuses = ["2xx", "3xx", "4xx", "502"]
 # The bearer tokens of the security schemes of /openapi.json.
 [auth.openapi.adminKey]
 bearer = "{admin_key}"
