@@ -256,7 +256,7 @@ def assert_sse_error(outcome: Outcome) -> None:
     assert outcome.result == "stream_error", outcome
     assert isinstance(outcome.body, dict), outcome
     assert outcome.body["type"] == "upstream_error" and outcome.body["message"], outcome
-    assert outcome.chunks > 0, outcome
+    # (A stream the kill cut before its first chunk ends the same way: headers were sent.)
 
 
 def assert_nothing_hung(outcomes: list[Outcome], longest: float) -> None:

@@ -12,15 +12,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import socketserver
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,65 +24,16 @@ import openai
 import pytest
 
 from .harness import HELLO, MOCK_TEXT, Daemon, LiteLLM, wait_until
+from .test_stream_relay import streaming_standin
 
 EVENTS = 40
-INTERVAL = 0.1
 STREAMED_TEXT = "".join(f"<{n}>" for n in range(EVENTS))
-
-
-def _chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-def _event(n: int) -> bytes:
-    chunk = {
-        "id": "chatcmpl-standin",
-        "object": "chat.completion.chunk",
-        "created": 0,
-        "model": "gpt-4o-mini",
-        "choices": [{"index": 0, "delta": {"content": f"<{n}>"}, "finish_reason": None}],
-    }
-    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
-
-
-@contextmanager
-def slow_stream_standin() -> Iterator[str]:
-    """A URL that answers every request with a stream of EVENTS events, one per INTERVAL."""
-
-    class Handler(socketserver.BaseRequestHandler):
-        def handle(self) -> None:
-            sock: socket.socket = self.request
-            received = b""
-            while b"\r\n\r\n" not in received:
-                received += sock.recv(65536)
-            head, _, body = received.partition(b"\r\n\r\n")
-            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-            while len(body) < length:
-                body += sock.recv(65536)
-            sock.sendall(
-                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                b"transfer-encoding: chunked\r\n\r\n"
-            )
-            for n in range(EVENTS):
-                sock.sendall(_chunk(_event(n)))
-                time.sleep(INTERVAL)
-            sock.sendall(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
-
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture
 def standin_url() -> Iterator[str]:
-    with slow_stream_standin() as url:
-        yield url
+    with streaming_standin(events=EVENTS) as standin:  # one event per 0.1 s: 4 s
+        yield standin.url
 
 
 def write_config(path: Path, **values: Any) -> None:

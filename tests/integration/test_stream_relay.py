@@ -32,7 +32,8 @@ class StreamingStandIn:
     """Records when each event left and when the client went away."""
 
     url: str = ""
-    ending: str = "done"  # or "cut": close the connection after EVENTS events, no [DONE]
+    events: int = EVENTS  # events per stream, one per INTERVAL
+    ending: str = "done"  # or "cut": close the connection after its events, no [DONE]
     sent_at: list[float] = field(default_factory=list)
     gone_at: float | None = None
     gone: threading.Event = field(default_factory=threading.Event)
@@ -54,8 +55,8 @@ def _event(n: int) -> bytes:
 
 
 @contextmanager
-def streaming_standin() -> Iterator[StreamingStandIn]:
-    standin = StreamingStandIn()
+def streaming_standin(events: int = EVENTS) -> Iterator[StreamingStandIn]:
+    standin = StreamingStandIn(events=events)
 
     class Handler(socketserver.BaseRequestHandler):
         def handle(self) -> None:
@@ -71,7 +72,7 @@ def streaming_standin() -> Iterator[StreamingStandIn]:
                 b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                 b"transfer-encoding: chunked\r\n\r\n"
             )
-            for n in range(EVENTS):
+            for n in range(standin.events):
                 # Wait INTERVAL, but notice at once if the other side closes meanwhile.
                 readable, _, _ = select.select([sock], [], [], INTERVAL)
                 if readable and sock.recv(1) == b"":

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
@@ -150,7 +150,10 @@ _VALIDATOR = RequestValidator()
 
 @given(near_valid_documents(), st.sampled_from(SCHEMA_NAMES))
 def test_the_fast_schema_check_agrees_with_jsonschema(document: dict[str, Any], name: str) -> None:
-    body = json.dumps(document).encode()
+    try:  # NaN and Infinity are refused by the parser, before any schema (a test above)
+        body = json.dumps(document, allow_nan=False).encode()
+    except ValueError:
+        assume(False)
     try:
         _VALIDATOR.validate(name, body)
         accepted = True
