@@ -169,13 +169,17 @@ def throughput(args: argparse.Namespace, sup: Supervisor) -> int:
         print(f"== {LABELS[target]}: {url}", flush=True)
         run_wrk(url, 32, args.warmup)  # warm-up, not recorded
         for conns in args.connections:
+            cpu_before = cpu_seconds(proc.popen.pid)
             result = run_wrk(url, conns, args.duration)
+            cpu = cpu_seconds(proc.popen.pid) - cpu_before
             result.update(target=target, connections=conns, url=url)
+            result["cpu_us_per_request"] = cpu / max(result["requests"], 1) * 1e6
             result["error_count"] = error_count(result)
             rows.append(result)
             print(
                 f"   {conns:>4} conns: {result['rps']:>10,.0f} req/s"
                 f"  p50 {fmt_us(result['p50_us'])}  p99 {fmt_us(result['p99_us'])}"
+                f"  cpu {result['cpu_us_per_request']:,.0f} us/req"
                 f"  errors {result['error_count']}",
                 flush=True,
             )

@@ -17,10 +17,11 @@ from twisted.python.components import Componentized
 from mpcapi.app import Gateway
 from mpcapi.balancer import HealthProbe
 from mpcapi.database import DatabaseError, migrate_now
+from mpcapi.heap import freeze_startup_heap
 from mpcapi.keys import open_authenticator
 from mpcapi.ledger import PriceTable, open_ledger
 from mpcapi.lifecycle import Drain
-from mpcapi.logs import LogSwitch, observer_for
+from mpcapi.logs import LogSwitch, TurnFlushedOutput, observer_for
 from mpcapi.metrics import MULTIPROC_ENV, Metrics
 from mpcapi.reload import Loader, Reloader, ReloadOnSighup
 from mpcapi.settings import CONFIG_ENV, SETTINGS, ConfigError, Settings, load_settings
@@ -69,9 +70,10 @@ class Options(usage.Options):
 class GatewayService(MultiService):
     """The daemon's service tree; installs our log observer when the format needs one."""
 
-    def __init__(self, settings: Settings, worker: str | None = None) -> None:
+    def __init__(self, settings: Settings, reactor: Any, worker: str | None = None) -> None:
         super().__init__()
         self.settings = settings
+        self.reactor = reactor
         self.worker = worker
         self.logs: LogSwitch | None = None  # ours, when installed: a reload may switch it
 
@@ -80,7 +82,8 @@ class GatewayService(MultiService):
         # without one (text, one process) twistd's own observer keeps --logfile and --syslog.
         needed = observer_for(self.settings.log_format, self.worker, sys.stdout) is not None
         if needed and isinstance(parent, Componentized):
-            self.logs = LogSwitch(self.settings.log_format, self.worker, sys.stdout)
+            out = TurnFlushedOutput(sys.stdout, self.reactor)
+            self.logs = LogSwitch(self.settings.log_format, self.worker, out)
             parent.setComponent(ILogObserver, self.logs)
         super().setServiceParent(parent)
 
@@ -88,6 +91,7 @@ class GatewayService(MultiService):
         if self.worker is None:
             log.info("MPC-API configuration: {settings}", settings=self.settings.masked())
         super().startService()
+        freeze_startup_heap()  # the services are built and started: what follows is requests'
 
 
 class _PoolCloser(Service):
@@ -123,7 +127,7 @@ def build_service(
 ) -> MultiService:
     """Wire the settings, the LiteLLM client, the app and the listening port; with ``load``
     (the start-up loader), SIGHUP reloads the configuration (see mpcapi.reload)."""
-    service = GatewayService(settings, worker)
+    service = GatewayService(settings, reactor, worker)
     pool = make_pool(reactor, settings)
     upstream = LiteLLMClient(
         base_url=settings.litellm_base_url,
@@ -183,7 +187,7 @@ def build_service(
 
 def build_supervisor(settings: Settings, reactor: Any, options: Options) -> MultiService:
     """Bind the port once and run ``settings.workers`` workers on it."""
-    service = GatewayService(settings, worker="supervisor")
+    service = GatewayService(settings, reactor, worker="supervisor")
     try:
         sock = listening_socket(settings.host, settings.port)
     except OSError as error:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 
+from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from mpcapi.logs import JsonLinesObserver, encode_record, event_as_record
+from mpcapi.logs import JsonLinesObserver, TurnFlushedOutput, encode_record, event_as_record
 
 
 def _lines(out: io.StringIO) -> list[dict[str, object]]:
@@ -76,3 +79,63 @@ def test_a_failure_carries_its_traceback() -> None:
     assert record["level"] == "critical"
     assert "ValueError: boom" in str(record["traceback"])
     assert record["message"] == "it broke"
+
+
+class _Reactor(Clock):
+    """A clock that can say whether it runs and keeps its shutdown triggers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running = True
+        self.triggers: list[Callable[[], None]] = []
+
+    def addSystemEventTrigger(self, phase: str, event: str, fn: Callable[[], None]) -> None:
+        assert (phase, event) == ("after", "shutdown")
+        self.triggers.append(fn)
+
+
+class _CountingFile(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+def test_a_turns_lines_leave_together_at_its_end() -> None:
+    reactor, out = _Reactor(), _CountingFile()
+    batched = TurnFlushedOutput(out, reactor)
+    log = Logger(namespace="mpcapi.request", observer=JsonLinesObserver(batched))
+    for status in (200, 404, 502):
+        log.info("{status}", status=status)
+    assert out.getvalue() == ""  # the turn is not over
+    reactor.advance(0)
+    assert [line["status"] for line in _lines(out)] == [200, 404, 502]
+    assert out.flushes == 1
+    log.info("{status}", status=201)
+    reactor.advance(0)
+    assert [line["status"] for line in _lines(out)] == [200, 404, 502, 201]
+    assert out.flushes == 2
+
+
+def test_lines_waiting_at_shutdown_are_written_and_later_ones_at_once() -> None:
+    reactor, out = _Reactor(), _CountingFile()
+    batched = TurnFlushedOutput(out, reactor)
+    batched.write("waiting\n")
+    reactor.running = False  # the reactor stopped before the turn's call ran
+    for trigger in reactor.triggers:
+        trigger()
+    assert out.getvalue() == "waiting\n"
+    batched.write("after the loop\n")
+    assert out.getvalue() == "waiting\nafter the loop\n"
+
+
+def test_a_line_from_another_thread_is_written_at_once_after_those_waiting() -> None:
+    reactor, out = _Reactor(), _CountingFile()
+    batched = TurnFlushedOutput(out, reactor)
+    batched.write("first\n")
+    thread = threading.Thread(target=batched.write, args=("from a thread\n",))
+    thread.start()
+    thread.join()
+    assert out.getvalue() == "first\nfrom a thread\n"
