@@ -314,8 +314,18 @@ class Database:
         def interaction(transaction: Any) -> T:
             return fn(Cursor(transaction, self.dialect), *args, **kwargs)
 
-        result: T = await self.pool.runInteraction(interaction)
-        return result
+        # A PostgreSQL restart breaks every pooled connection; each fails its next query
+        # and is then made anew. A query that met a broken one runs again, on another.
+        attempts = self.POSTGRES_MAX_CONNECTIONS + 1 if self.dialect.name != "sqlite" else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                result: T = await self.pool.runInteraction(interaction)
+            except Exception as error:
+                if attempt == attempts or not lost_connection(error):
+                    raise
+            else:
+                return result
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def close(self) -> None:
         self.pool.close()
@@ -356,6 +366,20 @@ class SyncDatabase:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+
+
+def lost_connection(error: BaseException) -> bool:
+    """Whether ``error`` is a PostgreSQL connection that was open and broke (the server
+    restarted or closed it), rather than a failure to connect or a failing query."""
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    return (
+        isinstance(error, psycopg.OperationalError)
+        and not isinstance(error, psycopg.errors.QueryCanceled)
+        and not str(error).startswith("connection failed")
+    )
 
 
 def driver_errors() -> tuple[type[BaseException], ...]:

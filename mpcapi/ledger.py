@@ -4,7 +4,8 @@
   a finished request's fields into a row and puts it on a bounded in-memory queue. Nothing
   else happens on the request's path.
 - A flusher (every ``FLUSH_EVERY`` seconds, or at once when ``BATCH`` rows wait) inserts the
-  queued rows through ``Database`` (the adbapi thread). When the database is unreachable the
+  queued rows through the writer process (``mpcapi.rowwriter``; without one, through
+  ``Database``'s thread). When the database is unreachable the
   rows go to an append-only spool file (JSON lines, written in the thread pool) and are
   replayed into the database once it answers again; the insert ignores a request id that is
   already there, so a replay is idempotent. The outage is logged once, and once when it ends.
@@ -41,6 +42,7 @@ from twisted.logger import Logger
 
 from mpcapi.database import Cursor, Database
 from mpcapi.errors import ApiError, bad_request
+from mpcapi.rowwriter import RowWriter
 from mpcapi.timestamps import iso_millis
 
 if TYPE_CHECKING:
@@ -501,8 +503,11 @@ class UsageLedger(Service):
         batch: int = BATCH,
         idle: Callable[[], bool] | None = None,
         stop_wait: float = 30.0,
+        writer: RowWriter | None = None,
     ) -> None:
         self.database = database
+        # Inserts go to the writer process when there is one, else to the database's thread.
+        self.writer = writer
         self.clock = clock
         self.prices = prices
         self.spool_path = spool_path
@@ -701,7 +706,10 @@ class UsageLedger(Service):
     async def _insert(self, rows: list[dict[str, Any]]) -> bool:
         self._last_attempt = self.clock.seconds()
         try:
-            await self.database.run(insert_rows, rows)
+            if self.writer is not None:
+                await self.writer.insert(rows)
+            else:
+                await self.database.run(insert_rows, rows)
         except Exception as error:
             self._database_down(error)
             return False
@@ -827,6 +835,8 @@ class UsageLedger(Service):
         await self.flush()
         while self._to_spool or self._spool_writing:
             await task.deferLater(self.clock, 0.05, lambda: None)
+        if self.writer is not None:
+            await self.writer.close()
         if self.dropped:
             log.error("{count} usage rows could not be stored", count=self.dropped)
 
@@ -839,7 +849,8 @@ def open_ledger(
     idle: Callable[[], bool] | None = None,
 ) -> UsageLedger:
     """The daemon's ledger: its database (shared with client keys when given), the price
-    table, a spool file per worker, writes in the reactor's thread pool."""
+    table, a spool file per worker, inserts in a writer process (see mpcapi.rowwriter) and
+    the rest in the reactor's thread pool."""
     from twisted.internet import threads
 
     def in_thread(fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
@@ -855,4 +866,5 @@ def open_ledger(
         log_bodies=settings.log_bodies,
         idle=idle,
         stop_wait=settings.drain_seconds + 1,
+        writer=RowWriter(reactor, settings.database_url),
     )

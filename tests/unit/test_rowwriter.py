@@ -1,0 +1,174 @@
+"""The usage rows' writer process (mpcapi.rowwriter): a real child process, real databases."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, threads
+from twisted.internet.utils import getProcessOutputAndValue
+
+from mpcapi.database import Database, DatabaseError, SyncDatabase
+from mpcapi.ledger import COLUMNS, PriceTable, UsageLedger
+from mpcapi.rowwriter import URL_ENV, RowWriter, WriterGoneError, serve
+from tests.databases import database_url
+
+REFUSED_URL = "postgresql://postgres@127.0.0.1:1/test?connect_timeout=2"
+
+
+def row(request_id: str, **fields: Any) -> dict[str, Any]:
+    values: dict[str, Any] = dict.fromkeys(COLUMNS)
+    values.update(
+        request_id=request_id,
+        created_at="2026-11-27T12:00:00.000Z",
+        route="/chat/completions",
+        model="gpt-4o-mini",
+        status=200,
+        prompt_tokens=3,
+        completion_tokens=1,
+        cost_usd=0.5,
+        cost_source="litellm",
+    )
+    values.update(fields)
+    return values
+
+
+def stored(url: str) -> list[tuple[Any, ...]]:
+    database = SyncDatabase(url)
+    try:
+        return database.run(
+            lambda cursor: cursor.execute(
+                "SELECT request_id, cost_usd, response_body FROM usage ORDER BY request_id"
+            ).fetchall()
+        )
+    finally:
+        database.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    with database_url(request.param, tmp_path) as url:
+        yield url
+
+
+@pytest_twisted.ensureDeferred
+async def test_batches_are_stored_by_the_child_and_a_replayed_id_is_skipped(url: str) -> None:
+    writer = RowWriter(reactor, url)
+    try:
+        first = await writer.insert([row("a"), row("b", response_body="line\nbreak, ünïcode")])
+        again = await writer.insert([row("b"), row("c")])  # b is stored already
+    finally:
+        await writer.close()
+    assert (first, again) == (2, 1)
+    assert stored(url) == [("a", 0.5, None), ("b", 0.5, "line\nbreak, ünïcode"), ("c", 0.5, None)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unreachable_database_fails_the_batch_with_its_reason() -> None:
+    writer = RowWriter(reactor, REFUSED_URL)
+    try:
+        with pytest.raises(DatabaseError) as refused:
+            await writer.insert([row("a")])
+        # The writer stays up for the next attempt.
+        with pytest.raises(DatabaseError):
+            await writer.insert([row("b")])
+    finally:
+        await writer.close()
+    assert "127.0.0.1" in str(refused.value) or "refused" in str(refused.value).lower()
+    assert not isinstance(refused.value, WriterGoneError)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_writer_that_dies_fails_its_batch_and_the_next_batch_starts_another(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'usage.db'}"
+    writer = RowWriter(reactor, url)
+    try:
+        assert await writer.insert([row("a")]) == 1
+        process: Any = writer._process
+        os.kill(process.pid, signal.SIGKILL)
+        with pytest.raises(WriterGoneError):
+            await writer.insert([row("b")])
+        assert await writer.insert([row("c")]) == 1
+        assert writer._process.pid != process.pid
+    finally:
+        await writer.close()
+    assert [r[0] for r in stored(url)] == ["a", "c"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_waits_for_the_last_batch_then_the_child_is_gone(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'usage.db'}"
+    writer = RowWriter(reactor, url)
+    last = writer.insert([row(f"r{n:03}") for n in range(300)])
+    pid = writer._process.pid
+    await writer.close()
+    assert await last == 300
+    assert len(stored(url)) == 300
+    with pytest.raises(ProcessLookupError):  # the child has ended and been reaped
+        os.kill(pid, 0)
+    assert await writer.close() is None  # closing twice is harmless
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_writer_with_no_database_url_says_so() -> None:
+    env = {k: v for k, v in os.environ.items() if k != URL_ENV}
+    _, err, code = await getProcessOutputAndValue(
+        sys.executable, ["-m", "mpcapi.rowwriter"], env=env
+    )
+    assert code == 2
+    assert b"MPCAPI_ROWWRITER_DATABASE_URL is not set" in err
+
+
+def test_serve_answers_each_line_in_order(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'usage.db'}"
+    lines = io.BytesIO(
+        orjson.dumps([row("a")]) + b"\n" + orjson.dumps([row("a"), row("b")]) + b"\n"
+    )
+    answers = io.BytesIO()
+    serve(url, lines, answers)
+    assert [orjson.loads(line) for line in answers.getvalue().splitlines()] == [
+        {"stored": 1},
+        {"stored": 1},
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_ledger_inserts_through_its_writer_and_stops_it_when_it_stops(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'usage.db'}"
+    database = Database(url, reactor)
+    writer = RowWriter(reactor, url)
+    ledger = UsageLedger(
+        database,
+        reactor,
+        PriceTable.load(),
+        str(tmp_path / "spool.jsonl"),
+        lambda fn, *args: threads.deferToThread(fn, *args),
+        writer=writer,
+    )
+    ledger.startService()
+    try:
+        for n in range(3):
+            ledger.observe({"request_id": f"r{n}", "route": "/chat/completions", "status": 200})
+        await ledger.flush()
+        pid = writer._process.pid
+        assert [r[0] for r in stored(url)] == ["r0", "r1", "r2"]
+        ledger.observe({"request_id": "r3", "route": "/chat/completions", "status": 200})
+    finally:
+        await ledger.stopService()
+        database.close()
+    assert [r[0] for r in stored(url)] == ["r0", "r1", "r2", "r3"]  # the last row, at stop
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert not os.path.exists(tmp_path / "spool.jsonl")
