@@ -4,5 +4,8 @@
 wrk.method = "POST"
 wrk.body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hello!"}]}'
 wrk.headers["Content-Type"] = "application/json"
+if os.getenv("BENCH_API_KEY") then  -- a client key, for MPC-API with MPCAPI_AUTH=keys
+  wrk.headers["Authorization"] = "Bearer " .. os.getenv("BENCH_API_KEY")
+end
 
 dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "report.lua")

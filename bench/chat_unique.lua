@@ -5,6 +5,10 @@
 
 local counter = 0
 local next_id = 0
+local headers = {["Content-Type"] = "application/json"}
+if os.getenv("BENCH_API_KEY") then  -- a client key, for MPC-API with MPCAPI_AUTH=keys
+  headers["Authorization"] = "Bearer " .. os.getenv("BENCH_API_KEY")
+end
 
 function setup(thread)
   thread:set("id", next_id)
@@ -20,7 +24,7 @@ function request()
   counter = counter + 1
   local body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hello ' ..
     prefix .. "-" .. counter .. '"}]}'
-  return wrk.format("POST", nil, {["Content-Type"] = "application/json"}, body)
+  return wrk.format("POST", nil, headers, body)
 end
 
 dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "report.lua")

@@ -157,6 +157,7 @@ class Proc:
     log: Path
     port: int
     hwm_kib: dict[int, int] = field(default_factory=dict)  # pid -> highest VmHWM seen
+    api_key: str | None = None  # the client key requests need (MPC-API with MPCAPI_AUTH=keys)
 
     def rss_kib(self) -> int:
         """Current resident memory of the process and its children."""
@@ -243,8 +244,12 @@ def exit_text(proc: Proc) -> str:
     return f"exit status {code}"
 
 
-def http_status(url: str, body: bytes | None = None, timeout: float = 2.0) -> tuple[int, bytes]:
+def http_status(
+    url: str, body: bytes | None = None, timeout: float = 2.0, api_key: str | None = None
+) -> tuple[int, bytes]:
     headers = {"Content-Type": "application/json"} if body is not None else {}
+    if api_key is not None:
+        headers["Authorization"] = f"Bearer {api_key}"
     req = urllib.request.Request(url, data=body, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -274,7 +279,7 @@ def wait_ready(proc: Proc, url: str, timeout: float = 30.0) -> None:
 def smoke_test(proc: Proc, url: str) -> None:
     """One real chat request before measuring: a target that answers errors is not benchmarked."""
     try:
-        status, body = http_status(url, CHAT_BODY, timeout=10.0)
+        status, body = http_status(url, CHAT_BODY, timeout=10.0, api_key=proc.api_key)
     except OSError as err:
         raise BenchError(f"{proc.name}: POST {url} failed: {err}", proc) from err
     if status != 200 or b'"choices"' not in body:
@@ -307,6 +312,7 @@ def start_mpcapi(
         MPCAPI_USAGE_SPOOL=str(sup.tmp / f"{name}.spool.jsonl"),
     )
     env.update(extra_env or {})  # --env KEY=VALUE, mode presets
+    api_key = create_client_key(env) if env.get("MPCAPI_AUTH") == "keys" else None
     # The working tree's code and plugin, whatever the kind of (editable) install in .venv.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     if workers is not None:
@@ -314,9 +320,27 @@ def start_mpcapi(
     twistd = "from twisted.scripts.twistd import run; run()"
     argv = [*wrapper, str(VENV_BIN / "python"), "-c", twistd, "-n", "--pidfile=", "mpcapi"]
     proc = sup.start(name, argv, port, env)
+    proc.api_key = api_key
     wait_ready(proc, f"http://127.0.0.1:{port}/health", ready_timeout)
     smoke_test(proc, f"http://127.0.0.1:{port}/api/chat/completions")
     return proc
+
+
+def create_client_key(env: dict[str, str]) -> str:
+    """A client key without limits of its own, made with `mpcapi-admin keys create` in the
+    daemon's database (``env``'s MPCAPI_DATABASE_URL): what an MPCAPI_AUTH=keys daemon asks."""
+    done = subprocess.run(
+        [str(VENV_BIN / "mpcapi-admin"), "keys", "create", "--user", "bench"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    lines = done.stdout.splitlines()
+    if done.returncode != 0 or len(lines) < 2:
+        raise BenchError(f"mpcapi-admin keys create failed: {done.stdout}{done.stderr}")
+    return lines[1].strip()
 
 
 def start_standin(sup: Supervisor, *options: str) -> tuple[Proc, int]:
@@ -375,9 +399,10 @@ def run_wrk(
     seconds: float,
     script: Path = CHAT_LUA,
     timeout: float = 10.0,
+    api_key: str | None = None,
 ) -> dict[str, Any]:
     """One wrk run; the `BENCH_JSON` line of bench/report.lua as a dict, plus `non_2xx` and
-    `threads`."""
+    `threads`. With ``api_key`` the scripts send it as a bearer token (BENCH_API_KEY)."""
     threads = 1 if connections < 2 else 2
     argv = [
         "wrk",
@@ -389,7 +414,10 @@ def run_wrk(
         f"--script={script}",
         url,
     ]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    env = {**os.environ, "BENCH_API_KEY": api_key} if api_key else None
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=seconds + 60, check=False, env=env
+    )
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
     if done.returncode != 0 or line is None:
         raise BenchError(f"wrk failed ({done.returncode}): {done.stdout}\n{done.stderr}")

@@ -167,10 +167,10 @@ def throughput(args: argparse.Namespace, sup: Supervisor) -> int:
         proc = procs[target]
         url = f"http://127.0.0.1:{proc.port}{TARGET_PATHS[target]}"
         print(f"== {LABELS[target]}: {url}", flush=True)
-        run_wrk(url, 32, args.warmup)  # warm-up, not recorded
+        run_wrk(url, 32, args.warmup, api_key=proc.api_key)  # warm-up, not recorded
         for conns in args.connections:
             cpu_before = cpu_seconds(proc.popen.pid)
-            result = run_wrk(url, conns, args.duration)
+            result = run_wrk(url, conns, args.duration, api_key=proc.api_key)
             cpu = cpu_seconds(proc.popen.pid) - cpu_before
             result.update(target=target, connections=conns, url=url)
             result["cpu_us_per_request"] = cpu / max(result["requests"], 1) * 1e6
@@ -241,7 +241,7 @@ def memory(args: argparse.Namespace, sup: Supervisor) -> int:
             raise BenchError(f"memory run passed {args.max_seconds}s at {sent:,} requests", proc)
         remaining = checkpoints[0] - sent
         seconds = args.slice if rate <= 0 else min(args.slice, max(1.0, remaining / rate))
-        result = run_wrk(url, args.memory_connections, seconds)
+        result = run_wrk(url, args.memory_connections, seconds, api_key=proc.api_key)
         sent += int(result["requests"])
         errors += error_count(result)
         rate = float(result["rps"])
@@ -275,8 +275,10 @@ def memory(args: argparse.Namespace, sup: Supervisor) -> int:
 
 
 def policy_env(kind: str, redis_url: str) -> dict[str, str]:
-    """Rate limits too high to refuse anything, and the response cache, in memory or Redis."""
+    """Client keys, rate limits too high to refuse anything, and the response cache, in
+    memory or Redis."""
     env = {
+        "MPCAPI_AUTH": "keys",
         "MPCAPI_DEFAULT_RPM": "1000000000",
         "MPCAPI_DEFAULT_TPM": "1000000000",
         "MPCAPI_CACHE_TTL": "600",
@@ -449,7 +451,7 @@ def compare(
     rows: list[dict[str, Any]] = []
     for proc in procs.values():
         url = f"http://127.0.0.1:{proc.port}/api/chat/completions"
-        run_wrk(url, 32, args.warmup, CHAT_UNIQUE_LUA)  # warm-up, not recorded
+        run_wrk(url, 32, args.warmup, CHAT_UNIQUE_LUA, api_key=proc.api_key)  # warm-up
     for round_ in range(args.rounds):
         for label, name, script in runs:
             proc = procs[name]
@@ -457,7 +459,7 @@ def compare(
             for conns in args.connections:
                 sampler = QueueSampler(proc.port) if sample_queue else None
                 cpu_before = cpu_seconds(proc.popen.pid)
-                result = run_wrk(url, conns, args.duration, script)
+                result = run_wrk(url, conns, args.duration, script, api_key=proc.api_key)
                 cpu = cpu_seconds(proc.popen.pid) - cpu_before
                 result.update(label=label, daemon=name, connections=conns, round=round_ + 1)
                 result["cpu_us_per_request"] = cpu / max(result["requests"], 1) * 1e6
@@ -551,9 +553,9 @@ def instructions(args: argparse.Namespace, sup: Supervisor) -> int:
             name = f"mpcapi-{len(rows)}"
             proc = start_mpcapi(sup, floor.port, 1, env, name, wrapper, ready_timeout=180)
         url = f"http://127.0.0.1:{proc.port}{TARGET_PATHS['reference']}"
-        run_wrk(url, 8, 5, CHAT_UNIQUE_LUA)  # warm-up: imports, caches, pools
+        run_wrk(url, 8, 5, CHAT_UNIQUE_LUA, api_key=proc.api_key)  # warm-up: imports, pools
         callgrind(proc, "-z")
-        result = run_wrk(url, 8, args.duration, CHAT_UNIQUE_LUA)
+        result = run_wrk(url, 8, args.duration, CHAT_UNIQUE_LUA, api_key=proc.api_key)
         callgrind(proc, "-d")
         total = sum(_summary(path) for path in sup.tmp.glob(f"{dumps.name}.*"))
         proc.popen.terminate()
