@@ -51,7 +51,8 @@ class Counts:
 class Windows(Protocol):
     async def admit(self, identity: str, rpm: int, tpm: int) -> Counts: ...
 
-    async def add_tokens(self, identity: str, tokens: int) -> None: ...
+    def add_tokens(self, identity: str, tokens: int) -> None:
+        """Count tokens now (memory) or with the next batch (Redis); never waits."""
 
 
 @attrs.define
@@ -99,7 +100,7 @@ class MemoryWindows:
             requests, requests_reset = window.used, window.ends - now
         return Counts(allowed, requests, requests_reset, tokens, tokens_reset)
 
-    async def add_tokens(self, identity: str, tokens: int) -> None:
+    def add_tokens(self, identity: str, tokens: int) -> None:
         window = self._current("t:" + identity, self._clock.seconds())
         window.used += tokens
 
@@ -262,7 +263,7 @@ class RedisWindows:
             self._known.pop(identity, None)
         return counts
 
-    async def add_tokens(self, identity: str, tokens: int) -> None:
+    def add_tokens(self, identity: str, tokens: int) -> None:
         self._pending[identity] = self._pending.get(identity, 0) + tokens
         self._schedule_flush()
 
@@ -317,6 +318,13 @@ def limit_headers(rpm: int, tpm: int, counts: Counts) -> dict[str, str]:
     return headers
 
 
+_HEADER_NAMES = {
+    f"x-ratelimit-{part}-{what}": f"x-ratelimit-{part}-{what}".encode("ascii")
+    for part in ("limit", "remaining", "reset")
+    for what in ("requests", "tokens")
+}
+
+
 def identity_of(key_id: str | None, client: str | None) -> str:
     """Whom a limit counts: the client key when there is one, else the client address."""
     if key_id:
@@ -367,8 +375,9 @@ class RateLimiter:
         except ApiError:
             record.rate_limited = True
             raise
+        set_header = request.responseHeaders.setRawHeaders
         for name, value in headers.items():
-            request.setHeader(name.encode("ascii"), value.encode("ascii"))
+            set_header(_HEADER_NAMES[name], [value.encode("ascii")])
 
     async def admit(self, key: ClientKey | None, client: str | None) -> dict[str, str]:
         """``check`` without an HTTP request (the WebSocket's messages): count one request
@@ -420,16 +429,8 @@ class RateLimiter:
         identity = identity_of(fields.get("key_id"), fields.get("client"))
         if not self.default_tpm and identity not in self._own_tpm:
             return
-        self._add(identity, tokens)
-
-    def _add(self, identity: str, tokens: int) -> None:
-        Deferred.fromCoroutine(self._add_tokens(identity, tokens))
-
-    async def _add_tokens(self, identity: str, tokens: int) -> None:
         try:
-            await self.windows.add_tokens(identity, tokens)
-        except RedisUnavailableError:
-            pass
+            self.windows.add_tokens(identity, tokens)
         except Exception:
             log.failure("counting tokens failed")
 

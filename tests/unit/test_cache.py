@@ -215,6 +215,16 @@ async def test_without_our_key_each_client_authorization_has_its_own_cache() -> 
     assert states == ["miss", "miss", "hit"]
 
 
+def test_the_canonical_body_sorts_keys_keeps_unicode_and_takes_any_json_number() -> None:
+    document = {"model": "m", "user": "zoë", "seed": 2**70, "n": 1, "temperature": 0.7}
+    assert canonical_body(document) == (
+        '{"model":"m","n":1,"seed":1180591620717411303424,"temperature":0.7,"user":"zoë"}'
+    )
+    assert canonical_body({"b": {"y": 1, "x": [2, {"d": 0, "c": None}]}, "a": True}) == (
+        '{"a":true,"b":{"x":[2,{"c":null,"d":0}],"y":1}}'
+    )
+
+
 def test_the_key_ignores_delivery_fields_and_depends_on_scope_and_route() -> None:
     document = {"model": "m", "messages": [], "stream": True, "stream_options": {"x": 1}}
     assert canonical_body(document) == '{"messages":[],"model":"m"}'

@@ -13,6 +13,7 @@ from treq.testing import StubTreq
 from twisted.internet import defer, task
 from twisted.internet import reactor as global_reactor
 from twisted.internet.task import Clock
+from twisted.web.http_headers import Headers
 
 from mpcapi.app import Gateway
 from mpcapi.errors import ApiError
@@ -251,13 +252,10 @@ async def test_without_auth_the_limit_is_per_client_address() -> None:
     class Request:
         def __init__(self, host: str) -> None:
             self.host = host
-            self.headers: dict[bytes, bytes] = {}
+            self.responseHeaders = Headers()
 
         def getClientAddress(self) -> Any:
             return type("Address", (), {"host": self.host})()
-
-        def setHeader(self, name: bytes, value: bytes) -> None:
-            self.headers[name] = value
 
     from mpcapi.requestlog import RequestRecord
 
@@ -271,6 +269,7 @@ async def test_without_auth_the_limit_is_per_client_address() -> None:
         except Exception as error:
             outcomes.append(type(error).__name__ + str(getattr(error, "status", "")))
     assert outcomes == ["ok", "ok", "ApiError429"]
+    assert requests[1].responseHeaders.getRawHeaders(b"x-ratelimit-remaining-requests") == [b"0"]
     assert limiter.refused == 1
     del fake
 
@@ -356,7 +355,7 @@ async def test_redis_windows_count_requests_and_tokens(redis_client: RedisClient
     assert (first.requests, second.requests, third.requests) == (1, 2, 2)
     assert 59 < third.requests_reset <= 60
     assert (await windows.admit("addr:2", 2, 10)).allowed  # another identity
-    await windows.add_tokens("addr:3", 10)
+    windows.add_tokens("addr:3", 10)
     refused = await windows.admit("addr:3", 0, 10)
     assert not refused.allowed
     assert refused.tokens == 10
@@ -369,11 +368,11 @@ async def test_redis_tokens_go_with_the_next_admission_or_on_their_own(
 ) -> None:
     clock = Clock()
     windows = RedisWindows(redis_client, clock)
-    await windows.add_tokens("addr:1", 4)
-    await windows.add_tokens("addr:1", 3)
+    windows.add_tokens("addr:1", 4)
+    windows.add_tokens("addr:1", 3)
     counts = await windows.admit("addr:1", 0, 100)
     assert counts.tokens == 7  # added by the admission's own script
-    await windows.add_tokens("addr:2", 5)
+    windows.add_tokens("addr:2", 5)
     assert (await windows.admit("addr:3", 0, 100)).tokens == 0
     clock.advance(0.25)  # nobody admitted addr:2: its tokens go on their own
     assert windows.flushing is not None
