@@ -163,6 +163,23 @@ class Proc:
         """Current resident memory of the process and its children."""
         return sum(proc_status(pid).get("VmRSS", 0) for pid in process_tree(self.popen.pid))
 
+    def rss_by_role(self) -> dict[str, int]:
+        """Current resident memory (KiB) of the process and its children, by what they are:
+        the daemon itself, its workers, its usage row writers (mpcapi.usagerows)."""
+        roles: dict[str, int] = {}
+        for pid in process_tree(self.popen.pid):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except OSError:
+                continue
+            if b"mpcapi.usagerows" in cmdline:
+                role = "row writer"
+            else:
+                role = "daemon" if pid == self.popen.pid else "worker"
+            roles[role] = roles.get(role, 0) + proc_status(pid).get("VmRSS", 0)
+        return roles
+
     def sample_peak(self) -> None:
         for pid in process_tree(self.popen.pid):
             hwm = proc_status(pid).get("VmHWM", 0)

@@ -231,9 +231,16 @@ def memory(args: argparse.Namespace, sup: Supervisor) -> int:
     url = f"http://127.0.0.1:{proc.port}/api/chat/completions"
     total = args.requests
     checkpoints = [total // 2, total]
-    samples: list[dict[str, Any]] = [{"requests": 0, "rss_kib": proc.rss_kib()}]
+    samples: list[dict[str, Any]] = [
+        {"requests": 0, "rss_kib": proc.rss_kib(), "rss_kib_by_role": proc.rss_by_role()}
+    ]
     print(f"== MPC-API memory: {total:,} requests at {args.memory_connections} connections, {url}")
     print(f"   idle: {fmt_mib(samples[0]['rss_kib'])}", flush=True)
+
+    def by_role(sample: dict[str, Any]) -> str:
+        roles = sample["rss_kib_by_role"]
+        return ", ".join(f"{role} {fmt_mib(kib)}" for role, kib in sorted(roles.items()))
+
     sent, errors, rate = 0, 0, 0.0
     deadline = time.monotonic() + args.max_seconds
     while checkpoints:
@@ -249,15 +256,27 @@ def memory(args: argparse.Namespace, sup: Supervisor) -> int:
             raise BenchError(f"mpcapi died during the memory run: {exit_text(proc)}", proc)
         if sent >= checkpoints[0]:
             checkpoints.pop(0)
-            sample = {"requests": sent, "rss_kib": proc.rss_kib(), "errors": errors}
+            sample = {
+                "requests": sent,
+                "rss_kib": proc.rss_kib(),
+                "rss_kib_by_role": proc.rss_by_role(),
+                "errors": errors,
+            }
             samples.append(sample)
-            print(f"   after {sent:,} requests: {fmt_mib(sample['rss_kib'])}", flush=True)
+            print(
+                f"   after {sent:,} requests: {fmt_mib(sample['rss_kib'])} ({by_role(sample)})",
+                flush=True,
+            )
     half, full = samples[1]["rss_kib"], samples[2]["rss_kib"]
     growth = (full - half) / half * 100 if half else 0.0
     print()
-    print(f"RSS at {samples[1]['requests']:,} requests: {fmt_mib(half)}")
-    print(f"RSS at {samples[2]['requests']:,} requests: {fmt_mib(full)}")
+    print(f"RSS at {samples[1]['requests']:,} requests: {fmt_mib(half)} ({by_role(samples[1])})")
+    print(f"RSS at {samples[2]['requests']:,} requests: {fmt_mib(full)} ({by_role(samples[2])})")
     print(f"growth between them: {growth:+.1f}%")
+    for role, kib in sorted(samples[2]["rss_kib_by_role"].items()):
+        before = samples[1]["rss_kib_by_role"].get(role, 0)
+        if before:
+            print(f"  {role}: {(kib - before) / before * 100:+.1f}%")
     print(f"idle before load: {fmt_mib(samples[0]['rss_kib'])}")
     print(f"peak RSS: {fmt_mib(proc.peak_kib())}; errors: {errors}")
     data = {

@@ -16,14 +16,17 @@ before their first query, inside one transaction under a lock, and record them i
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import attrs
-from twisted.enterprise import adbapi
-from twisted.internet import defer
+
+if TYPE_CHECKING:  # imported when used: the usage row writer process runs without Twisted
+    from twisted.enterprise import adbapi
+    from twisted.internet import defer
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -250,23 +253,28 @@ def apply_migrations(
 # --- the daemon's way in ------------------------------------------------------------------------
 
 
-class _QuietConnection(adbapi.Connection):
+@functools.cache
+def _quiet_connection() -> type[adbapi.Connection]:
     """adbapi's pooled connection, without the "Rollback failed" tracebacks it logs for every
     pooled connection a database restart broke (the ledger logs the outage once); the broken
     connection is still dropped and made anew, as adbapi does."""
+    from twisted.enterprise import adbapi
 
-    def rollback(self) -> None:
-        connection: Any = self._connection
-        try:
-            connection.rollback()
-            cursor = connection.cursor()
-            cursor.execute(self._pool.good_sql)
-            cursor.close()
-            connection.commit()
-        except Exception:
-            # Dropped, to be made anew by the next query; the query's own error (raised by
-            # adbapi after this) says what happened.
-            self._pool.disconnect(connection)
+    class QuietConnection(adbapi.Connection):
+        def rollback(self) -> None:
+            connection: Any = self._connection
+            try:
+                connection.rollback()
+                cursor = connection.cursor()
+                cursor.execute(self._pool.good_sql)
+                cursor.close()
+                connection.commit()
+            except Exception:
+                # Dropped, to be made anew by the next query; the query's own error (raised
+                # by adbapi after this) says what happened.
+                self._pool.disconnect(connection)
+
+    return QuietConnection
 
 
 class Database:
@@ -276,6 +284,9 @@ class Database:
     POSTGRES_MAX_CONNECTIONS = 4
 
     def __init__(self, url: str, reactor: Any) -> None:
+        from twisted.enterprise import adbapi
+        from twisted.internet import defer
+
         self.dialect = dialect_for(url)
         options: dict[str, Any] = {"cp_reactor": reactor, "cp_noisy": False}
         if self.dialect.name == "sqlite":
@@ -289,7 +300,7 @@ class Database:
             **options,
         )
         if self.dialect.name != "sqlite":  # only reconnecting pools roll back this way
-            self.pool.connectionFactory = _QuietConnection
+            self.pool.connectionFactory = _quiet_connection()
         self._lock = defer.DeferredLock()
         self._up_to_date = False
 
@@ -382,9 +393,12 @@ def lost_connection(error: BaseException) -> bool:
     )
 
 
-def driver_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions the drivers raise (psycopg's only when it is installed)."""
+def driver_errors(dialect: str | None = None) -> tuple[type[BaseException], ...]:
+    """The exceptions the drivers raise (psycopg's only when it is installed); only SQLite's
+    for ``dialect`` "sqlite", which need not load the PostgreSQL driver."""
     errors: list[type[BaseException]] = [sqlite3.Error]
+    if dialect == "sqlite":
+        return tuple(errors)
     try:
         import psycopg
     except ImportError:

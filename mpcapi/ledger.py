@@ -24,7 +24,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import re
@@ -44,6 +43,7 @@ from mpcapi.database import Cursor, Database
 from mpcapi.errors import ApiError, bad_request
 from mpcapi.rowwriter import RowWriter
 from mpcapi.timestamps import iso_millis
+from mpcapi.usagerows import insert_rows
 
 if TYPE_CHECKING:
     from mpcapi.keys import ClientKey
@@ -59,71 +59,6 @@ SPEND_FRESH_FOR = 2.5  # a key's spend is read again after this long ...
 SPEND_USABLE_FOR = 5.0  # ... in the background, and served stale at most this long
 BUDGET_WARNING = 0.8  # share of a budget that logs a warning (once per key and process)
 MAX_BODY_CHARS = 65_536  # stored bodies are cut there
-
-COLUMNS = (
-    "request_id",
-    "created_at",
-    "key_id",
-    "user",
-    "client",
-    "method",
-    "route",
-    "model",
-    "status",
-    "upstream_status",
-    "latency_ms",
-    "upstream_ms",
-    "ttfb_ms",
-    "prompt_tokens",
-    "completion_tokens",
-    "cost_usd",
-    "cost_source",
-    "cache",
-    "outcome",
-    "request_body",
-    "response_body",
-)
-
-
-def _quoted(column: str) -> str:
-    return '"user"' if column == "user" else column
-
-
-# Rows per SQLite INSERT statement, largest first: a batch is cut into these sizes only, so
-# the driver prepares (and keeps) four statements, not one per batch size. 200 rows are
-# 4,200 parameters, under SQLite's limit.
-STATEMENT_SIZES = (200, 50, 10, 1)
-
-
-# PostgreSQL takes a batch as one array per column (``unnest``): a short statement that
-# psycopg parses once, where it would parse a long VALUES list (thousands of placeholders)
-# again on every execution.
-_PG_TYPES = {
-    "status": "integer",
-    "upstream_status": "integer",
-    "prompt_tokens": "integer",
-    "completion_tokens": "integer",
-    "latency_ms": "double precision",
-    "upstream_ms": "double precision",
-    "ttfb_ms": "double precision",
-    "cost_usd": "double precision",
-}
-_PG_ARRAYS = ", ".join(f"?::{_PG_TYPES.get(column, 'text')}[]" for column in COLUMNS)
-_PG_INSERT = (
-    f"INSERT INTO usage ({', '.join(_quoted(c) for c in COLUMNS)}) "
-    f"SELECT * FROM unnest({_PG_ARRAYS}) ON CONFLICT (request_id) DO NOTHING"
-)
-
-
-@functools.cache
-def insert_statement(rows: int) -> str:
-    """One INSERT of ``rows`` rows that skips request ids already stored."""
-    one = f"({', '.join('?' for _ in COLUMNS)})"
-    return (
-        f"INSERT INTO usage ({', '.join(_quoted(c) for c in COLUMNS)}) "
-        f"VALUES {', '.join([one] * rows)} ON CONFLICT (request_id) DO NOTHING"
-    )
-
 
 # --- prices -------------------------------------------------------------------------------------
 
@@ -276,33 +211,6 @@ def parse_moment(text: str, name: str, end_of_day: bool = False) -> str:
 
 
 # --- the SQL (functions of a database.Cursor) ---------------------------------------------------
-
-
-_DEFAULTS = {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "cost_source": "none"}
-
-
-def insert_rows(cursor: Cursor, rows: Sequence[Mapping[str, Any]]) -> int:
-    """Insert rows, skipping request ids already stored; return how many were new."""
-    if cursor.dialect.name == "postgresql":
-        columns = [
-            [_DEFAULTS.get(column) if row.get(column) is None else row[column] for row in rows]
-            for column in COLUMNS
-        ]
-        return max(cursor.execute(_PG_INSERT, columns).rowcount, 0) if rows else 0
-    # SQLite: many rows per statement, one database step (one release of the GIL) for up to
-    # 200 rows, where executemany would take one per row.
-    stored, start = 0, 0
-    while start < len(rows):
-        size = next(size for size in STATEMENT_SIZES if size <= len(rows) - start)
-        chunk = rows[start : start + size]
-        start += size
-        values = [
-            _DEFAULTS.get(column) if row.get(column) is None else row[column]
-            for row in chunk
-            for column in COLUMNS
-        ]
-        stored += max(cursor.execute(insert_statement(size), values).rowcount, 0)
-    return stored
 
 
 def spend_of_key(cursor: Cursor, key_id: str) -> float:

@@ -6,7 +6,7 @@ connections); in a process of its own it runs on another core and costs the reac
 the encoding of each batch.
 
 The daemon starts the writer on its first batch (``RowWriter.insert``): ``python -m
-mpcapi.rowwriter``, with the database URL in its environment (never on its command line,
+mpcapi.usagerows`` (see there), with the database URL in its environment (never on its command line,
 where ``ps`` would show a password). Batches go down its stdin as JSON lines; one JSON line
 per batch comes back on its stdout: ``{"stored": n}``, or ``{"error": "..."}`` when the
 database refused it (the ledger then spools the rows and retries later, as for any outage).
@@ -18,22 +18,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
 from collections import deque
 from collections.abc import Sequence
-from typing import Any, BinaryIO
+from typing import Any
 
 import orjson
 from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mpcapi.database import DatabaseError, SyncDatabase, driver_errors
+from mpcapi.database import DatabaseError
+from mpcapi.usagerows import URL_ENV
 
 log = Logger(namespace="mpcapi.rowwriter")
 
-URL_ENV = "MPCAPI_ROWWRITER_DATABASE_URL"
 STOP_WAIT = 10.0  # seconds a stopping writer may take to finish its batch
 
 
@@ -66,7 +65,7 @@ class RowWriter(protocol.ProcessProtocol):
         env = {**os.environ, URL_ENV: self._database_url}
         self._buffer = b""
         self._ended = defer.Deferred()
-        argv = [self._python, "-m", "mpcapi.rowwriter"]
+        argv = [self._python, "-m", "mpcapi.usagerows"]
         self._process = self._reactor.spawnProcess(self, self._python, argv, env=env)
 
     def outReceived(self, data: bytes) -> None:
@@ -110,43 +109,3 @@ class RowWriter(protocol.ProcessProtocol):
     def _kill(process: Any) -> None:
         with contextlib.suppress(error.ProcessExitedAlready):
             process.signalProcess("KILL")
-
-
-def serve(database_url: str, lines: BinaryIO, answers: BinaryIO) -> None:
-    """The writer process: store each batch read from ``lines``, answer on ``answers``."""
-    from mpcapi.ledger import insert_rows  # the ledger's own statements
-
-    database = SyncDatabase(database_url)
-    errors: tuple[type[BaseException], ...] = (*driver_errors(), DatabaseError)
-    migrated = False
-    try:
-        for line in lines:
-            rows = orjson.loads(line)
-            try:
-                if not migrated:  # the usage table, if this writer is the first to need it
-                    database.migrate()
-                    migrated = True
-                stored = database.run(insert_rows, rows)
-                answer: dict[str, Any] = {"stored": stored}
-            except errors as failure:
-                database.close()  # a broken connection is made anew for the next batch
-                answer = {"error": database.dialect.describe(failure)}
-            answers.write(orjson.dumps(answer) + b"\n")
-            answers.flush()
-    finally:
-        database.close()
-
-
-def main() -> None:
-    url = os.environ.get(URL_ENV)
-    if not url:
-        sys.stderr.write(f"mpcapi.rowwriter: {URL_ENV} is not set\n")
-        raise SystemExit(2)
-    # A terminal's Ctrl-C reaches the whole process group: the daemon stops, then closes
-    # our stdin once its last rows are here.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    serve(url, sys.stdin.buffer, sys.stdout.buffer)
-
-
-if __name__ == "__main__":
-    main()

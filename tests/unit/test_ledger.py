@@ -30,14 +30,13 @@ from mpcapi.keys import ClientKey, KeyAuthenticator, create_key
 from mpcapi.ledger import (
     FLUSH_EVERY,
     REDACTED,
-    STATEMENT_SIZES,
     PriceTable,
     UsageLedger,
     append_lines,
     cost_of,
-    insert_rows,
     read_lines,
 )
+from mpcapi.usagerows import STATEMENT_SIZES, insert_rows
 from tests.databases import database_url
 from tests.unit.conftest import CHAT, COMPLETION, Harness, answer, json_body, make_harness
 

@@ -1,4 +1,5 @@
-"""The usage rows' writer process (mpcapi.rowwriter): a real child process, real databases."""
+"""The usage rows' writer process (mpcapi.rowwriter, mpcapi.usagerows): a real child process,
+real databases."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from twisted.internet import reactor, threads
 from twisted.internet.utils import getProcessOutputAndValue
 
 from mpcapi.database import Database, DatabaseError, SyncDatabase
-from mpcapi.ledger import COLUMNS, PriceTable, UsageLedger
-from mpcapi.rowwriter import URL_ENV, RowWriter, WriterGoneError, serve
+from mpcapi.ledger import PriceTable, UsageLedger
+from mpcapi.rowwriter import RowWriter, WriterGoneError
+from mpcapi.usagerows import COLUMNS, URL_ENV, serve
 from tests.databases import database_url
 
 REFUSED_URL = "postgresql://postgres@127.0.0.1:1/test?connect_timeout=2"
@@ -123,7 +125,7 @@ async def test_close_waits_for_the_last_batch_then_the_child_is_gone(tmp_path: P
 async def test_a_writer_with_no_database_url_says_so() -> None:
     env = {k: v for k, v in os.environ.items() if k != URL_ENV}
     _, err, code = await getProcessOutputAndValue(
-        sys.executable, ["-m", "mpcapi.rowwriter"], env=env
+        sys.executable, ["-m", "mpcapi.usagerows"], env=env
     )
     assert code == 2
     assert b"MPCAPI_ROWWRITER_DATABASE_URL is not set" in err

@@ -1,0 +1,158 @@
+"""Usage rows into the database: the ledger's INSERT statements, and the writer process
+that runs them (``python -m mpcapi.usagerows``, started by ``mpcapi.rowwriter``).
+
+The process reads batches of rows from its stdin, one JSON list per line, and answers each on
+its stdout, one JSON object per line: ``{"stored": n}`` (rows new to the database; a request id
+already there is skipped), or ``{"error": "..."}`` when the database refused the batch. It ends
+when its stdin closes. It imports no Twisted and, for SQLite, no PostgreSQL driver: it is one
+more process per worker, so it stays small.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import orjson
+
+from mpcapi.database import DatabaseError, SyncDatabase, driver_errors
+
+if TYPE_CHECKING:
+    from mpcapi.database import Cursor
+
+URL_ENV = "MPCAPI_ROWWRITER_DATABASE_URL"  # where the process finds its database
+
+COLUMNS = (
+    "request_id",
+    "created_at",
+    "key_id",
+    "user",
+    "client",
+    "method",
+    "route",
+    "model",
+    "status",
+    "upstream_status",
+    "latency_ms",
+    "upstream_ms",
+    "ttfb_ms",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+    "cost_source",
+    "cache",
+    "outcome",
+    "request_body",
+    "response_body",
+)
+
+
+def _quoted(column: str) -> str:
+    return '"user"' if column == "user" else column
+
+
+# Rows per SQLite INSERT statement, largest first: a batch is cut into these sizes only, so
+# the driver prepares (and keeps) four statements, not one per batch size. 200 rows are
+# 4,200 parameters, under SQLite's limit.
+STATEMENT_SIZES = (200, 50, 10, 1)
+
+
+# PostgreSQL takes a batch as one array per column (``unnest``): a short statement that
+# psycopg parses once, where it would parse a long VALUES list (thousands of placeholders)
+# again on every execution.
+_PG_TYPES = {
+    "status": "integer",
+    "upstream_status": "integer",
+    "prompt_tokens": "integer",
+    "completion_tokens": "integer",
+    "latency_ms": "double precision",
+    "upstream_ms": "double precision",
+    "ttfb_ms": "double precision",
+    "cost_usd": "double precision",
+}
+_PG_ARRAYS = ", ".join(f"?::{_PG_TYPES.get(column, 'text')}[]" for column in COLUMNS)
+_PG_INSERT = (
+    f"INSERT INTO usage ({', '.join(_quoted(c) for c in COLUMNS)}) "
+    f"SELECT * FROM unnest({_PG_ARRAYS}) ON CONFLICT (request_id) DO NOTHING"
+)
+
+
+@functools.cache
+def insert_statement(rows: int) -> str:
+    """One INSERT of ``rows`` rows that skips request ids already stored."""
+    one = f"({', '.join('?' for _ in COLUMNS)})"
+    return (
+        f"INSERT INTO usage ({', '.join(_quoted(c) for c in COLUMNS)}) "
+        f"VALUES {', '.join([one] * rows)} ON CONFLICT (request_id) DO NOTHING"
+    )
+
+
+_DEFAULTS = {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "cost_source": "none"}
+
+
+def insert_rows(cursor: Cursor, rows: Sequence[Mapping[str, Any]]) -> int:
+    """Insert rows, skipping request ids already stored; return how many were new."""
+    if cursor.dialect.name == "postgresql":
+        columns = [
+            [_DEFAULTS.get(column) if row.get(column) is None else row[column] for row in rows]
+            for column in COLUMNS
+        ]
+        return max(cursor.execute(_PG_INSERT, columns).rowcount, 0) if rows else 0
+    # SQLite: many rows per statement, one database step (one release of the GIL) for up to
+    # 200 rows, where executemany would take one per row.
+    stored, start = 0, 0
+    while start < len(rows):
+        size = next(size for size in STATEMENT_SIZES if size <= len(rows) - start)
+        chunk = rows[start : start + size]
+        start += size
+        values = [
+            _DEFAULTS.get(column) if row.get(column) is None else row[column]
+            for row in chunk
+            for column in COLUMNS
+        ]
+        stored += max(cursor.execute(insert_statement(size), values).rowcount, 0)
+    return stored
+
+
+def serve(database_url: str, lines: BinaryIO, answers: BinaryIO) -> None:
+    """The writer process: store each batch read from ``lines``, answer on ``answers``."""
+    database = SyncDatabase(database_url)
+    errors: tuple[type[BaseException], ...] = (
+        *driver_errors(database.dialect.name),
+        DatabaseError,
+    )
+    migrated = False
+    try:
+        for line in lines:
+            rows = orjson.loads(line)
+            try:
+                if not migrated:  # the usage table, if this writer is the first to need it
+                    database.migrate()
+                    migrated = True
+                answer: dict[str, Any] = {"stored": database.run(insert_rows, rows)}
+            except errors as failure:
+                database.close()  # a broken connection is made anew for the next batch
+                answer = {"error": database.dialect.describe(failure)}
+            answers.write(orjson.dumps(answer) + b"\n")
+            answers.flush()
+    finally:
+        database.close()
+
+
+def main() -> None:
+    url = os.environ.get(URL_ENV)
+    if not url:
+        sys.stderr.write(f"mpcapi.usagerows: {URL_ENV} is not set\n")
+        raise SystemExit(2)
+    # A terminal's Ctrl-C reaches the whole process group: the daemon stops, then closes
+    # our stdin once its last rows are here.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    serve(url, sys.stdin.buffer, sys.stdout.buffer)
+
+
+if __name__ == "__main__":
+    main()
