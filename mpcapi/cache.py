@@ -29,7 +29,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -98,6 +98,8 @@ class MemoryStore:
         self.size -= len(key) + len(value)
 
 
+STORE_DELAY = 0.02  # seconds an answer waits to go to Redis with others (see RedisStore)
+
 # Stores a batch of answers: KEYS are the keys, ARGV the values and their TTLs, in pairs.
 _SET_ALL = """
 for i, key in ipairs(KEYS) do
@@ -109,15 +111,18 @@ end
 class RedisStore:
     """Answers in Redis, shared by every instance that uses it; Redis expires them.
 
-    One lookup (and one store) is in flight at a time; those that arrive meanwhile go out
-    together when it returns, as one MGET (one script of SETs). Alone, a request waits for
-    nothing; under load, the reactor pays for one command per batch instead of one per
-    request (txredisapi spends tens of microseconds of CPU on each)."""
+    One lookup is in flight at a time; those that arrive meanwhile go out together when it
+    returns, as one MGET. Stores wait ``STORE_DELAY`` seconds and go out together as one
+    script of SETs: every instance, this one too, finds an answer that much after it came.
+    Alone, a lookup waits for nothing; under load the reactor pays for one command per
+    batch instead of one per request (txredisapi spends tens of microseconds of CPU on
+    each), and even a lone client costs one store script per ``STORE_DELAY``, not one per
+    answer."""
 
-    def __init__(self, redis: RedisClient) -> None:
+    def __init__(self, redis: RedisClient, clock: IReactorTime) -> None:
         self._redis = redis
         self._lookups = _Batches(self._get_all)
-        self._stores = _Batches(self._set_all)
+        self._stores = _Batches(self._set_all, clock, STORE_DELAY)
 
     def get(self, key: str) -> Deferred[bytes | None]:
         return self._lookups.add(key)
@@ -140,17 +145,33 @@ class RedisStore:
 class _Batches(Generic[_Item, _Result]):
     """Runs ``send`` on one batch of items at a time; each item's Deferred gets its result."""
 
-    def __init__(self, send: Callable[[list[_Item]], Awaitable[list[_Result]]]) -> None:
+    def __init__(
+        self,
+        send: Callable[[list[_Item]], Awaitable[list[_Result]]],
+        clock: IReactorTime | None = None,
+        delay: float = 0.0,
+    ) -> None:
         self._send = send
+        self._clock = clock
+        self._delay = delay  # seconds the first item of a batch waits for others (clock's)
+        self._timer: IDelayedCall | None = None
         self._waiting: list[tuple[_Item, Deferred[_Result]]] = []
         self._in_flight = False
 
     def add(self, item: _Item) -> Deferred[_Result]:
         result: Deferred[_Result] = Deferred()
         self._waiting.append((item, result))
+        if not self._in_flight and self._timer is None:
+            if self._clock is not None and self._delay > 0:
+                self._timer = self._clock.callLater(self._delay, self._start)
+            else:
+                Deferred.fromCoroutine(self._next())
+        return result
+
+    def _start(self) -> None:
+        self._timer = None
         if not self._in_flight:
             Deferred.fromCoroutine(self._next())
-        return result
 
     async def _next(self) -> None:
         self._in_flight = True
@@ -200,7 +221,9 @@ class ResponseCache:
         cls, settings: Settings, clock: IReactorTime, redis: RedisClient | None
     ) -> ResponseCache:
         store: Store = (
-            RedisStore(redis) if redis is not None else MemoryStore(clock, settings.cache_max_bytes)
+            RedisStore(redis, clock)
+            if redis is not None
+            else MemoryStore(clock, settings.cache_max_bytes)
         )
         return cls(store, settings.cache_ttl, settings.cache_scope, bool(settings.litellm_api_key))
 

@@ -12,6 +12,7 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.task import Clock
 
 from mpcapi.cache import (
+    STORE_DELAY,
     MemoryStore,
     RedisStore,
     answer_of_chunks,
@@ -465,7 +466,7 @@ async def test_redis_down_is_a_miss_and_the_answer_is_served() -> None:
 async def test_redis_store_round_trips_bytes() -> None:
     prefix = f"mpcapi-test:{uuid.uuid4().hex}:"
     client = RedisClient(REDIS_URL, global_reactor, prefix=prefix)
-    store = RedisStore(client)
+    store = RedisStore(client, global_reactor)
     try:
         value = json.dumps({"n": "12345", "text": "héllo"}).encode()
         await store.set("k", value, ttl=5)
@@ -508,7 +509,7 @@ class _ControlledRedis:
 
 def test_redis_lookups_made_while_one_is_in_flight_go_out_as_one_mget() -> None:
     redis = _ControlledRedis()
-    store = RedisStore(redis)  # type: ignore[arg-type]
+    store = RedisStore(redis, Clock())  # type: ignore[arg-type]
     first = store.get("a")
     waiting = [store.get("b"), store.get("c")]
     assert redis.calls == [("mget", ["cache:a"])]
@@ -525,24 +526,29 @@ def test_redis_lookups_made_while_one_is_in_flight_go_out_as_one_mget() -> None:
     assert failures and failures[0].check(RedisUnavailableError)
 
 
-def test_redis_stores_made_while_one_is_in_flight_go_out_as_one_script() -> None:
-    redis = _ControlledRedis()
-    store = RedisStore(redis)  # type: ignore[arg-type]
-    first = store.set("a", b"1", 60)
-    second, third = store.set("b", b"2", 60), store.set("c", b"3", 30)
-    assert redis.calls == [("eval", ["cache:a", b"1", 60])]
+def test_redis_stores_wait_and_go_out_as_one_script() -> None:
+    redis, clock = _ControlledRedis(), Clock()
+    store = RedisStore(redis, clock)  # type: ignore[arg-type]
+    first, second = store.set("a", b"1", 60), store.set("b", b"2", 30)
+    assert redis.calls == []  # they wait for others
+    clock.advance(STORE_DELAY)
+    assert redis.calls == [("eval", ["cache:a", "cache:b", b"1", 60, b"2", 30])]
+    third = store.set("c", b"3", 60)  # while a script is in flight: goes after it
     redis.pending[0].callback(None)
-    assert first.called and not second.called
-    assert redis.calls[1] == ("eval", ["cache:b", "cache:c", b"2", 60, b"3", 30])
-    redis.pending[1].callback(None)
-    assert second.called and third.called
+    assert first.called and second.called and not third.called
+    assert redis.calls[1] == ("eval", ["cache:c", b"3", 60])
+    redis.pending[1].errback(RedisUnavailableError("down"))
+    failures: list[Any] = []
+    third.addErrback(failures.append)
+    assert failures and failures[0].check(RedisUnavailableError)
+    assert redis.calls[2:] == []
 
 
 @pytest_twisted.ensureDeferred
 async def test_redis_store_batches_round_trip_in_real_redis() -> None:
     prefix = f"mpcapi-test:{uuid.uuid4().hex}:"
     client = RedisClient(REDIS_URL, global_reactor, prefix=prefix)
-    store = RedisStore(client)
+    store = RedisStore(client, global_reactor)
     try:
         await defer.gatherResults(
             [defer.ensureDeferred(_awaited(store.set(f"k{n}", b"v%d" % n, 5))) for n in range(20)]
