@@ -6,12 +6,11 @@ connections); in a process of its own it runs on another core and costs the reac
 the encoding of each batch.
 
 The daemon starts the writer on its first batch (``RowWriter.insert``): ``python -m
-mpcapi.usagerows`` (see there), with the database URL in its environment (never on its command line,
-where ``ps`` would show a password). Batches go down its stdin as JSON lines; one JSON line
-per batch comes back on its stdout: ``{"stored": n}``, or ``{"error": "..."}`` when the
-database refused it (the ledger then spools the rows and retries later, as for any outage).
-The writer ends when its stdin closes: when the daemon stops, or dies. A writer that dies
-fails its batch; the next batch starts a new one.
+mpcapi.usagerows`` (the program and its protocol are described there), with the database URL
+in its environment, never on its command line, where ``ps`` would show a password. A batch
+the database refused fails with its reason: the ledger then spools the rows and retries
+later, as for any outage. The writer ends when its stdin closes: when the daemon stops, or
+dies. A writer that dies fails its batch; the next batch starts a new one.
 """
 
 from __future__ import annotations
