@@ -113,8 +113,9 @@ MIGRATIONS: tuple[Migration, ...] = (
 
 
 def utc_now() -> str:
-    """The current time as stored: ISO-8601 UTC, seconds, with a Z."""
-    return datetime.now(tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """The current time as stored: ISO-8601 UTC with milliseconds and a Z, so that keys
+    made in the same second still list in the order they were made."""
+    return datetime.now(tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # --- dialects -----------------------------------------------------------------------------------
