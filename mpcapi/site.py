@@ -35,6 +35,15 @@ log = Logger(namespace="mpcapi.request")
 # Lingering close: how long we keep draining a refused body so the client reads our 413.
 _DRAIN_SECONDS = 2
 _ANSWERED = "_mpcapi_answered"  # set on a channel once refuse_connection answered on it
+# What a finished request no longer needs (see LimitedRequest._cleanup).
+_SERVED_ONLY_THE_ANSWER = (
+    "requestHeaders",
+    "responseHeaders",
+    "args",
+    "received_cookies",
+    "cookies",
+    "_adapterCache",
+)
 
 
 class LimitedRequest(server.Request):
@@ -72,6 +81,17 @@ class LimitedRequest(server.Request):
     def connectionLost(self, reason: Any) -> None:
         self._stop_read_timer()
         super().connectionLost(reason)
+
+    def _cleanup(self) -> None:
+        """After the answer and every finish callback (logs, metrics, ledger), drop what only
+        served the answer, as Twisted drops the channel and the body here. Klein's and
+        werkzeug's per-request closures hold the request in reference cycles that only the
+        garbage collector frees; without its headers and adapters, the request leaves it
+        a few objects to walk instead of some sixty (7 % of a request's time at 32
+        connections went to collections)."""
+        super()._cleanup()
+        for name in _SERVED_ONLY_THE_ANSWER:
+            self.__dict__.pop(name, None)
 
     def _limit(self) -> int:
         limit: int = self.channel.site.max_body_bytes  # type: ignore[attr-defined]

@@ -6,6 +6,7 @@ real reactor with a small in-process upstream; still no LiteLLM and no subproces
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from collections.abc import AsyncIterator
@@ -26,7 +27,7 @@ from zope.interface import implementer
 
 from mpcapi.app import Gateway
 from mpcapi.settings import Settings
-from mpcapi.site import ConnectionCap, GatewaySite
+from mpcapi.site import ConnectionCap, GatewaySite, LimitedRequest
 from mpcapi.upstream import LiteLLMClient, make_http_client, make_pool
 from tests.unit.conftest import CHAT
 
@@ -438,3 +439,29 @@ async def test_cookies_set_by_litellm_are_never_sent_back() -> None:
     finally:
         await pool.closeCachedConnections()
         await listening.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_finished_request_keeps_nothing_it_needed_only_for_its_answer(
+    running: Any,
+) -> None:
+    gateway = await running()
+    gc.collect()
+    gc.disable()  # the finished request stays where the collector would find it
+    try:
+        response = await treq.get(f"{gateway.url}/health", headers={"x-request-id": "scrubbed"})
+        assert response.code == 200
+        assert response.headers.getRawHeaders(b"x-request-id") == [b"scrubbed"]
+        assert (await response.json())["status"] == "ok"
+        finished = [
+            o
+            for o in gc.get_objects()
+            if isinstance(o, LimitedRequest) and o.__dict__.get("finished")
+        ]
+        assert finished
+        for request in finished:
+            kept = set(vars(request))
+            assert not kept & {"requestHeaders", "responseHeaders", "_adapterCache", "args"}
+            assert request.code == 200  # what the logs read stays
+    finally:
+        gc.enable()
