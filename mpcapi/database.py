@@ -328,16 +328,16 @@ class Database:
 
         # A PostgreSQL restart breaks every pooled connection; each fails its next query
         # and is then made anew. A query that met a broken one runs again, on another.
-        attempts = self.POSTGRES_MAX_CONNECTIONS + 1 if self.dialect.name != "sqlite" else 1
-        for attempt in range(1, attempts + 1):
+        retries = self.POSTGRES_MAX_CONNECTIONS if self.dialect.name != "sqlite" else 0
+        for _ in range(retries):
             try:
                 result: T = await self.pool.runInteraction(interaction)
-            except Exception as error:
-                if attempt == attempts or not lost_connection(error):
-                    raise
-            else:
                 return result
-        raise AssertionError("unreachable")  # pragma: no cover
+            except Exception as error:
+                if not lost_connection(error):
+                    raise
+        result = await self.pool.runInteraction(interaction)
+        return result
 
     def close(self) -> None:
         self.pool.close()
@@ -394,12 +394,9 @@ def lost_connection(error: BaseException) -> bool:
     )
 
 
-def driver_errors(dialect: str | None = None) -> tuple[type[BaseException], ...]:
-    """The exceptions the drivers raise (psycopg's only when it is installed); only SQLite's
-    for ``dialect`` "sqlite", which need not load the PostgreSQL driver."""
+def driver_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions the drivers raise (psycopg's only when it is installed)."""
     errors: list[type[BaseException]] = [sqlite3.Error]
-    if dialect == "sqlite":
-        return tuple(errors)
     try:
         import psycopg
     except ImportError:

@@ -53,11 +53,15 @@ class RowWriter(protocol.ProcessProtocol):
         self._ended: defer.Deferred[None] | None = None
 
     def insert(self, rows: Sequence[dict[str, Any]]) -> defer.Deferred[int]:
+        try:  # before the batch takes its place among the answers awaited
+            line = orjson.dumps(rows) + b"\n"
+        except (TypeError, orjson.JSONEncodeError) as failure:
+            return defer.fail(DatabaseError(f"a usage row cannot be written: {failure}"))
         if self._process is None:
             self._start()
         answer: defer.Deferred[int] = defer.Deferred()
         self._waiting.append(answer)
-        self._process.write(orjson.dumps(rows) + b"\n")
+        self._process.write(line)
         return answer
 
     def _start(self) -> None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
 
-from mpcapi.database import DatabaseError, SyncDatabase, driver_errors
+from mpcapi.database import SyncDatabase
 
 if TYPE_CHECKING:
     from mpcapi.database import Cursor
@@ -121,10 +121,6 @@ def insert_rows(cursor: Cursor, rows: Sequence[Mapping[str, Any]]) -> int:
 def serve(database_url: str, lines: BinaryIO, answers: BinaryIO) -> None:
     """The writer process: store each batch read from ``lines``, answer on ``answers``."""
     database = SyncDatabase(database_url)
-    errors: tuple[type[BaseException], ...] = (
-        *driver_errors(database.dialect.name),
-        DatabaseError,
-    )
     migrated = False
     try:
         for line in lines:
@@ -134,7 +130,7 @@ def serve(database_url: str, lines: BinaryIO, answers: BinaryIO) -> None:
                     database.migrate()
                     migrated = True
                 answer: dict[str, Any] = {"stored": database.run(insert_rows, rows)}
-            except errors as failure:
+            except Exception as failure:  # this batch failed; the process serves the next
                 database.close()  # a broken connection is made anew for the next batch
                 answer = {"error": database.dialect.describe(failure)}
             answers.write(orjson.dumps(answer) + b"\n")
