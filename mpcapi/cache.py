@@ -16,7 +16,8 @@ requests are all streamed) uses the same cache through ``scope_for``, ``fetch``,
 ``replay_of``, and stores its complete streams (``answer_of_chunks``).
 
 Backends: ``MemoryStore`` (a least-recently-used dict bounded in bytes) and ``RedisStore``
-(shared by instances; ``SET … EX``). A Redis error is a miss, never a failed request.
+(shared by instances; ``SET … EX``; ``mpcapi.cacheindex`` tells it which lookups need not ask
+Redis). A Redis error is a miss, never a failed request.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
+from mpcapi.cacheindex import BYTES_PER_KEY, KeyIndex, announcement, channel_of
 from mpcapi.errors import JSON_CONTENT_TYPE, set_status, with_length
 from mpcapi.redisclient import RedisClient, RedisUnavailableError
 from mpcapi.requestlog import record_of
@@ -100,11 +102,13 @@ class MemoryStore:
 
 STORE_DELAY = 0.02  # seconds an answer waits to go to Redis with others (see RedisStore)
 
-# Stores a batch of answers: KEYS are the keys, ARGV the values and their TTLs, in pairs.
+# Stores a batch of answers: KEYS are the keys, ARGV the values and their TTLs, in pairs,
+# then the channel and the announcement of the batch (see mpcapi.cacheindex).
 _SET_ALL = """
 for i, key in ipairs(KEYS) do
   redis.call('SET', key, ARGV[2 * i - 1], 'EX', ARGV[2 * i])
 end
+redis.call('PUBLISH', ARGV[#ARGV - 1], ARGV[#ARGV])
 """
 
 
@@ -117,14 +121,22 @@ class RedisStore:
     Alone, a lookup waits for nothing; under load the reactor pays for one command per
     batch instead of one per request (txredisapi spends tens of microseconds of CPU on
     each), and even a lone client costs one store script per ``STORE_DELAY``, not one per
-    answer."""
+    answer. Each store script announces its keys; with an ``index`` listening, a lookup of
+    a key that nobody stored is a miss without asking Redis."""
 
-    def __init__(self, redis: RedisClient, clock: IReactorTime) -> None:
+    def __init__(
+        self, redis: RedisClient, clock: IReactorTime, index: KeyIndex | None = None
+    ) -> None:
         self._redis = redis
+        self._index = index
         self._lookups = _Batches(self._get_all)
         self._stores = _Batches(self._set_all, clock, STORE_DELAY)
 
     def get(self, key: str) -> Deferred[bytes | None]:
+        if self._index is not None:
+            self._index.start()
+            if not self._index.may_hold(key):
+                return succeed(None)
         return self._lookups.add(key)
 
     def set(self, key: str, value: bytes, ttl: int) -> Deferred[None]:
@@ -138,6 +150,7 @@ class RedisStore:
         values: list[Any] = []
         for _, value, ttl in entries:
             values += [value, ttl]
+        values += [channel_of(self._redis), announcement((key, ttl) for key, _, ttl in entries)]
         await self._redis.eval(_SET_ALL, keys, values)
         return [None] * len(entries)
 
@@ -220,11 +233,14 @@ class ResponseCache:
     def from_settings(
         cls, settings: Settings, clock: IReactorTime, redis: RedisClient | None
     ) -> ResponseCache:
-        store: Store = (
-            RedisStore(redis, clock)
-            if redis is not None
-            else MemoryStore(clock, settings.cache_max_bytes)
-        )
+        store: Store
+        if redis is not None:
+            # The index's memory is bounded by the same setting as the memory store's.
+            max_keys = settings.cache_max_bytes // BYTES_PER_KEY
+            index = KeyIndex(redis, clock, max_keys, rebuild_after=max(settings.cache_ttl, 60))
+            store = RedisStore(redis, clock, index)
+        else:
+            store = MemoryStore(clock, settings.cache_max_bytes)
         return cls(store, settings.cache_ttl, settings.cache_scope, bool(settings.litellm_api_key))
 
     def __init__(self, store: Store, ttl: int, scope: str, our_key: bool) -> None:

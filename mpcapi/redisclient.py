@@ -8,7 +8,8 @@ background). This wrapper adds what the policies need on top of it:
   for Redis longer than ``command_timeout``);
 - fail-fast while Redis is known to be down, so an outage costs no latency;
 - one log line when an outage begins and one when Redis is back, and counters
-  (``errors``, ``outages``, ``available``) that metrics can read.
+  (``errors``, ``outages``, ``available``) that metrics can read;
+- subscriptions (``subscribe``), each on a connection of its own, kept up until ``close``.
 
 Every failure is raised as ``RedisUnavailableError``; callers fail open.
 """
@@ -16,14 +17,17 @@ Every failure is raised as ``RedisUnavailableError``; callers fail open.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 import attrs
+from twisted.application.service import IService
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger, LogPublisher
 
 from mpcapi.settings import Settings
@@ -93,20 +97,102 @@ def _connect(address: RedisAddress, connect_timeout: float, command_timeout: flo
     factory = getattr(handler, "_factory", None)
     if factory is not None:
         factory.maxDelay = MAX_RECONNECT_DELAY  # recover soon after an outage
-        _quiet_reconnects(factory)
+        for slot in getattr(factory, "slots", ()):
+            _quiet_reconnects(getattr(slot, "service", None))
     return handler
 
 
-def _quiet_reconnects(factory: Any) -> None:
+def _quiet_reconnects(service: Any) -> None:
     """Silence the "Scheduling retry" line Twisted's ClientService logs for every attempt of
-    every connection: an outage is logged once, by ``RedisClient``. Best effort (it reaches
+    a connection: an outage is logged once, by ``RedisClient``. Best effort (it reaches
     into the state machine); without it the daemon is only noisier."""
     silent = Logger(namespace=log.namespace, observer=LogPublisher())  # no one listens
-    for slot in getattr(factory, "slots", ()):
-        machine = getattr(getattr(slot, "service", None), "_machine", None)
-        core = getattr(machine, "__automat_core__", None)
-        if core is not None and hasattr(core, "log"):
-            core.log = silent
+    core = getattr(getattr(service, "_machine", None), "__automat_core__", None)
+    if core is not None and hasattr(core, "log"):
+        core.log = silent
+
+
+class SubscriptionListener(Protocol):
+    """What a subscription tells: between ``subscribed`` and ``unsubscribed`` every message
+    published on the channel arrives; outside, messages may be missed."""
+
+    def subscribed(self) -> None: ...
+
+    def message(self, payload: bytes) -> None: ...
+
+    def unsubscribed(self) -> None: ...
+
+
+def _subscribe(address: RedisAddress, channel: str, listener: SubscriptionListener) -> IService:
+    """A started ClientService holding one subscribed connection, reconnecting with backoff."""
+    from twisted.application.internet import ClientService, backoffPolicy
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+
+    endpoint: Any
+    if address.path is not None:
+        endpoint = UNIXClientEndpoint(reactor, address.path, timeout=CONNECT_TIMEOUT)
+    else:
+        endpoint = HostnameEndpoint(reactor, address.host, address.port, CONNECT_TIMEOUT)
+    factory = _SubscriberFactory(address, channel, listener)
+    service = ClientService(endpoint, factory, backoffPolicy(maxDelay=MAX_RECONNECT_DELAY))
+    _quiet_reconnects(service)
+    service.startService()
+    return service
+
+
+class _SubscriberFactory(Factory):
+    noisy = False  # no "Starting factory" line at every reconnection
+
+    # What txredisapi's protocol asks of its factory when AUTH fails: it then drops the
+    # connection, and ClientService tries again later.
+    isLazy = True
+
+    def __init__(self, address: RedisAddress, channel: str, listener: SubscriptionListener) -> None:
+        self.address, self.channel, self.listener = address, channel, listener
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = _subscriber_protocol()(
+            charset=None,
+            password=self.address.password,
+            username=self.address.username,
+            convertNumbers=False,
+        )
+        protocol.factory = self
+        return protocol
+
+    def stopTrying(self) -> None:
+        pass
+
+    def connectionError(self, why: str) -> None:
+        pass
+
+
+@functools.cache
+def _subscriber_protocol() -> type:
+    """txredisapi's subscriber, telling a listener (txredisapi is imported on first use)."""
+    import txredisapi
+
+    class Subscriber(txredisapi.SubscriberProtocol):  # type: ignore[misc]
+        factory: _SubscriberFactory
+
+        def connectionMade(self) -> Any:
+            made = super().connectionMade()  # AUTH first, when there is a password
+            ready = self.whenConnected().addCallback(lambda _: self.subscribe(self.factory.channel))
+            ready.addCallbacks(self._subscribed, lambda _: self.transport.loseConnection())
+            return made
+
+        def _subscribed(self, _: object) -> None:
+            self.factory.listener.subscribed()
+
+        def messageReceived(self, pattern: Any, channel: Any, message: bytes) -> None:
+            self.factory.listener.message(message)
+
+        def connectionLost(self, why: Any) -> None:
+            super().connectionLost(why)
+            self.factory.listener.unsubscribed()
+
+    return Subscriber
 
 
 class RedisClient:
@@ -120,6 +206,7 @@ class RedisClient:
         connect_timeout: float = CONNECT_TIMEOUT,
         command_timeout: float = COMMAND_TIMEOUT,
         connect: Callable[[RedisAddress, float, float], Any] = _connect,
+        subscribe: Callable[[RedisAddress, str, SubscriptionListener], IService] = _subscribe,
     ) -> None:
         self.url = url
         self.prefix = prefix
@@ -128,6 +215,8 @@ class RedisClient:
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
         self._connect = connect
+        self._subscribe = subscribe
+        self._subscriptions: list[IService] = []
         self._handler: Any = None
         self._connected_once = False
         # For metrics: commands that failed (each one served without Redis), outages begun.
@@ -157,7 +246,15 @@ class RedisClient:
     async def set(self, key: str, value: bytes, expire: int) -> None:
         await self._call("set", key, value, expire=expire)
 
+    def subscribe(self, channel: str, listener: SubscriptionListener) -> None:
+        """Tell ``listener`` the messages published on ``channel`` (a name of its own: the
+        prefix is not added), over a connection of its own that reconnects until ``close``."""
+        self._subscriptions.append(self._subscribe(self._address, channel, listener))
+
     async def close(self) -> None:
+        subscriptions, self._subscriptions = self._subscriptions, []
+        for subscription in subscriptions:
+            await subscription.stopService()
         handler, self._handler = self._handler, None
         if handler is not None:
             with contextlib.suppress(Exception):

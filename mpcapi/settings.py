@@ -348,7 +348,8 @@ SETTINGS: tuple[Setting, ...] = (
         ("MPCAPI_CACHE_MAX_BYTES",),
         64 * 1024 * 1024,
         _positive_int,
-        "size limit of the in-memory cache (least recently used answers go first)",
+        "size limit of the in-memory cache (least recently used answers go first); with "
+        "Redis, of each instance's index of the answers Redis holds (160 bytes an answer)",
     ),
     Setting(
         "metrics_public",

@@ -189,6 +189,35 @@ def test_two_daemons_share_one_limit_one_cache_and_one_ledger(
         assert {request_id.split("-")[1] for request_id in stored} == {"one", "two"}
 
 
+def test_each_daemon_knows_what_the_shared_cache_holds(
+    start_mpcapi: StartDaemon, redis_prefix: str
+) -> None:
+    """Each daemon's index of the answers in Redis: filled by a scan when it starts, then by
+    the other daemon's announcements. Once it is complete a daemon trusts it, so these hits
+    come only through it: an answer stored before the second daemon started (the scan), and
+    one the first daemon stored afterwards (the announcement)."""
+    shared = {
+        "MPCAPI_REDIS_URL": SHARED_REDIS_URL,
+        "MPCAPI_REDIS_PREFIX": redis_prefix,
+        "MPCAPI_CACHE_TTL": "60",
+    }
+    one = start_mpcapi(**shared)
+    before, after, never = (f"index {uuid.uuid4().hex}" for _ in range(3))
+    assert chat(one, before).headers["x-mpcapi-cache"] == "miss"
+    time.sleep(0.3)  # stored in the background
+    two = start_mpcapi(**shared)
+    assert chat(two, "warm up").headers["x-mpcapi-cache"] == "miss"  # its index starts
+    time.sleep(0.5)  # subscribed and scanned
+    assert chat(two, before).headers["x-mpcapi-cache"] == "hit"
+    first = chat(one, after)
+    assert first.headers["x-mpcapi-cache"] == "miss"
+    time.sleep(0.3)
+    second = chat(two, after)
+    assert second.headers["x-mpcapi-cache"] == "hit"
+    assert second.parse().id == first.parse().id
+    assert chat(two, never).headers["x-mpcapi-cache"] == "miss"
+
+
 @pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server not installed")
 def test_a_redis_outage_keeps_requests_flowing_and_recovers(start_mpcapi: StartDaemon) -> None:
     server = RedisServer(free_port())

@@ -532,11 +532,13 @@ def test_redis_stores_wait_and_go_out_as_one_script() -> None:
     first, second = store.set("a", b"1", 60), store.set("b", b"2", 30)
     assert redis.calls == []  # they wait for others
     clock.advance(STORE_DELAY)
-    assert redis.calls == [("eval", ["cache:a", "cache:b", b"1", 60, b"2", 30])]
+    stored = ["cache:a", "cache:b", b"1", 60, b"2", 30]
+    announced = ["cache:stored", b"60 a\n30 b"]  # for every instance's index
+    assert redis.calls == [("eval", stored + announced)]
     third = store.set("c", b"3", 60)  # while a script is in flight: goes after it
     redis.pending[0].callback(None)
     assert first.called and second.called and not third.called
-    assert redis.calls[1] == ("eval", ["cache:c", b"3", 60])
+    assert redis.calls[1] == ("eval", ["cache:c", b"3", 60, "cache:stored", b"60 c"])
     redis.pending[1].errback(RedisUnavailableError("down"))
     failures: list[Any] = []
     third.addErrback(failures.append)
