@@ -103,12 +103,14 @@ class MemoryStore:
 STORE_DELAY = 0.02  # seconds an answer waits to go to Redis with others (see RedisStore)
 
 # Stores a batch of answers: KEYS are the keys, ARGV the values and their TTLs, in pairs,
-# then the channel and the announcement of the batch (see mpcapi.cacheindex).
+# then the channel and the announcement of the batch (see mpcapi.cacheindex). Announced
+# first: should a SET fail (out of memory), an answer announced but not stored costs a
+# lookup, whereas one stored but not announced would never be found by a complete index.
 _SET_ALL = """
+redis.call('PUBLISH', ARGV[#ARGV - 1], ARGV[#ARGV])
 for i, key in ipairs(KEYS) do
   redis.call('SET', key, ARGV[2 * i - 1], 'EX', ARGV[2 * i])
 end
-redis.call('PUBLISH', ARGV[#ARGV - 1], ARGV[#ARGV])
 """
 
 

@@ -145,8 +145,9 @@ class _SubscriberFactory(Factory):
     noisy = False  # no "Starting factory" line at every reconnection
 
     # What txredisapi's protocol asks of its factory when AUTH fails: it then drops the
-    # connection, and ClientService tries again later.
-    isLazy = True
+    # connection, and ClientService tries again later; not lazy: no log line at each try
+    # (the command connections report the outage, once).
+    isLazy = False
 
     def __init__(self, address: RedisAddress, channel: str, listener: SubscriptionListener) -> None:
         self.address, self.channel, self.listener = address, channel, listener

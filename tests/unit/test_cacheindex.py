@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 from mpcapi.cache import RedisStore
 from mpcapi.cacheindex import KeyIndex, announcement, channel_of
 from mpcapi.redisclient import RedisClient
-from tests.redisserver import REDIS_SERVER, redis_server
+from tests.redisserver import REDIS_SERVER, RedisServer, free_port, redis_server
 from tests.unit.test_limits import REDIS_URL
 from tests.unit.test_redis import captured, sleep
 
@@ -163,6 +163,21 @@ async def test_a_lost_subscription_is_not_trusted_and_is_rebuilt_after_reconnect
                     await sleep(0.2)
             await until(lambda: two.index.may_hold("after"))
             assert await two.store.get("after") == b"2"
+
+
+@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server not installed")
+@pytest_twisted.ensureDeferred
+async def test_the_subscription_authenticates_like_the_commands() -> None:
+    server = RedisServer(free_port(), password="s3cret-subscriber")
+    server.start()
+    try:
+        async with instances(server.url) as make:
+            one, two = make(), await make().started()
+            await one.store.set("k", b"v", 60)
+            await until(lambda: two.index.may_hold("k"))
+            assert not two.index.may_hold("other")
+    finally:
+        server.stop()
 
 
 @pytest_twisted.ensureDeferred
