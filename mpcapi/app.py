@@ -97,6 +97,8 @@ class Gateway:
             ledger.report_queue = self.metrics.usage_queue.set
         # Rate limits and the response cache, in Redis when redis_url is set (see limits, cache).
         self.redis = RedisClient.from_settings(settings, clock)
+        if self.redis is not None:
+            self.redis.report_failure = self.metrics.redis_failed
         self.limiter = RateLimiter.from_settings(settings, clock, self.redis)
         self.cache = ResponseCache.from_settings(settings, clock, self.redis)
         # GET /openapi.json: built once, from the routes above and the validator's schemas.

@@ -9,7 +9,8 @@ refused until the window ends, like OpenAI's.
 
 Two backends: ``MemoryWindows`` (one process; the default) and ``RedisWindows`` (every
 instance sharing one Redis shares the limits; each decision is one atomic Lua script).
-When Redis is down, requests are served (fail open) and counted in ``RedisClient.errors``.
+When Redis is down, requests are served (fail open) and counted
+(``mpcapi_redis_failures_total``; outages in ``mpcapi_redis_outages_total``).
 """
 
 from __future__ import annotations

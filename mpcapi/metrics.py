@@ -370,6 +370,14 @@ class Metrics:
         self.ratelimited = Counter(
             "mpcapi_ratelimited", "Requests refused by a rate limit", registry=r
         )
+        self.redis_failures = Counter(
+            "mpcapi_redis_failures",
+            "Redis commands that failed; each was served without Redis (fail open)",
+            registry=r,
+        )
+        self.redis_outages = Counter(
+            "mpcapi_redis_outages", "Redis outages begun (each logged once)", registry=r
+        )
         self.usage_queue = Gauge(
             "mpcapi_usage_queue_rows",
             "Usage rows waiting for the database (read once per second)",
@@ -415,6 +423,12 @@ class Metrics:
             self.errors = ErrorRing.in_directory(multiproc_dir, os.getpid())
 
     # Feeding
+
+    def redis_failed(self, began_outage: bool) -> None:
+        """A Redis command failed (the request went on without it); maybe an outage began."""
+        self.redis_failures.inc()
+        if began_outage:
+            self.redis_outages.inc()
 
     def track_inflight(self, resource: IResource) -> IResource:
         """``resource``, counting the requests it is serving in ``mpcapi_inflight_requests``."""

@@ -220,10 +220,12 @@ class RedisClient:
         self._subscriptions: list[IService] = []
         self._handler: Any = None
         self._connected_once = False
-        # For metrics: commands that failed (each one served without Redis), outages begun.
+        # Commands that failed (each one served without Redis), outages begun; and whom to
+        # tell of each failure (the metrics), with whether it began an outage.
         self.errors = 0
         self.outages = 0
         self.available = True
+        self.report_failure: Callable[[bool], None] = lambda began_outage: None
 
     @classmethod
     def from_settings(cls, settings: Settings, clock: IReactorTime) -> RedisClient | None:
@@ -291,7 +293,8 @@ class RedisClient:
 
     def _failed(self, error: Exception) -> None:
         self.errors += 1
-        if self.available:
+        began_outage = self.available
+        if began_outage:
             self.available = False
             self.outages += 1
             log.warn(
@@ -299,6 +302,7 @@ class RedisClient:
                 url=self._masked_url(),
                 error=_describe(error),
             )
+        self.report_failure(began_outage)
 
     def _masked_url(self) -> str:
         address = self._address

@@ -41,6 +41,19 @@ def chat(daemon: Daemon, content: str = "Hello!", **headers: str) -> Any:
     )
 
 
+def redis_metrics(daemon: Daemon) -> dict[str, float]:
+    """The mpcapi_redis_* samples of the daemon's /metrics."""
+    request = urllib.request.Request(
+        daemon.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}
+    )
+    text = urllib.request.urlopen(request, timeout=5).read().decode()
+    return {
+        name: float(value)
+        for name, _, value in (line.partition(" ") for line in text.splitlines())
+        if name.startswith("mpcapi_redis_")
+    }
+
+
 @pytest.fixture
 def redis_prefix() -> Iterator[str]:
     """A key prefix of this test's own in the shared Redis; its keys are deleted afterwards."""
@@ -224,7 +237,10 @@ def test_a_redis_outage_keeps_requests_flowing_and_recovers(start_mpcapi: StartD
     server.start()
     try:
         daemon = start_mpcapi(
-            MPCAPI_REDIS_URL=server.url, MPCAPI_DEFAULT_RPM="10000", MPCAPI_CACHE_TTL="60"
+            MPCAPI_REDIS_URL=server.url,
+            MPCAPI_DEFAULT_RPM="10000",
+            MPCAPI_CACHE_TTL="60",
+            MPCAPI_ADMIN_KEY=ADMIN,
         )
         assert chat(daemon, "before").headers["x-ratelimit-remaining-requests"] == "9999"
         time.sleep(0.3)
@@ -246,6 +262,9 @@ def test_a_redis_outage_keeps_requests_flowing_and_recovers(start_mpcapi: StartD
         log = daemon.wait_for_log("is unavailable")
         assert log.count("is unavailable") == 1
         assert " 500 " not in log
+        counted = redis_metrics(daemon)
+        assert counted["mpcapi_redis_outages_total"] == 1
+        assert counted["mpcapi_redis_failures_total"] >= 10  # each request's limit and lookup
 
         server.start()  # an empty Redis again, on the same port
         deadline = time.monotonic() + 15
@@ -262,5 +281,6 @@ def test_a_redis_outage_keeps_requests_flowing_and_recovers(start_mpcapi: StartD
         assert log.count("is unavailable") == 1
         status = urllib.request.urlopen(daemon.url + "/health", timeout=5).status
         assert status == 200
+        assert redis_metrics(daemon)["mpcapi_redis_outages_total"] == 1
     finally:
         server.stop()

@@ -103,6 +103,8 @@ async def test_metric_families_count_known_traffic_exactly() -> None:
         assert samples[("mpcapi_upstream_errors_total", labels(kind=kind))] == 0
     assert samples[("mpcapi_inflight_requests", ())] == 1  # the scrape itself
     assert samples[("mpcapi_ratelimited_total", ())] == 0
+    assert samples[("mpcapi_redis_failures_total", ())] == 0
+    assert samples[("mpcapi_redis_outages_total", ())] == 0
     assert samples[("mpcapi_cache_requests_total", labels(result="hit"))] == 0
     assert ("process_cpu_seconds_total", ()) in samples
     assert ("process_resident_memory_bytes", ()) in samples
@@ -146,6 +148,15 @@ def test_streams_cache_and_rate_limits_feed_their_families() -> None:
     assert value("mpcapi_cache_requests_total", {"result": "miss"}) == 1
     assert value("mpcapi_cache_requests_total", {"result": "bypass"}) == 0
     assert value("mpcapi_ratelimited_total") == 1
+
+
+def test_redis_failures_and_outages_are_counted() -> None:
+    metrics = Metrics(Clock())
+    for began_outage in (True, False, False, True):
+        metrics.redis_failed(began_outage)
+    value = metrics.registry.get_sample_value
+    assert value("mpcapi_redis_failures_total") == 4
+    assert value("mpcapi_redis_outages_total") == 2
 
 
 # --- the guard --------------------------------------------------------------------------------

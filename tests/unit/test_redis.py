@@ -61,6 +61,8 @@ async def driven(harness: Any, pending: Coroutine[Any, Any, T]) -> T:
 async def test_an_outage_is_logged_once_fails_fast_and_recovers() -> None:
     with redis_server() as server, captured("mpcapi.redis") as events:
         client = RedisClient(server.url, reactor, prefix="t:", connect_timeout=0.5)
+        reported: list[bool] = []  # what the metrics are told: whether an outage began
+        client.report_failure = reported.append
         try:
             await client.set("t:k", b"v", expire=60)
             assert await client.get("t:k") == b"v"
@@ -69,6 +71,7 @@ async def test_an_outage_is_logged_once_fails_fast_and_recovers() -> None:
                 with pytest.raises(RedisUnavailableError):
                     await client.get("t:k")
             assert (client.available, client.outages, client.errors) == (False, 1, 20)
+            assert reported == [True] + [False] * 19
             assert len(events) == 1
             assert "unavailable" in events[0]["log_format"]
             started = time.monotonic()
