@@ -221,6 +221,20 @@ def test_answers_are_known_until_their_ttl_ends_and_then_swept() -> None:
     assert not index.ready and len(index) == 0 and index.may_hold("short")
 
 
+def test_a_resubscription_while_full_builds_at_once_and_hears_announcements() -> None:
+    clock, redis = Clock(), _Unused()
+    index = KeyIndex(redis, clock, max_keys=2, rebuild_after=60)  # type: ignore[arg-type]
+    index.subscribed()
+    index.message(announcement([("a", 60), ("b", 60), ("c", 60)]))  # full
+    assert len(index) == 0
+    index.unsubscribed()
+    index.subscribed()  # reconnected before the rebuild was due
+    index.message(announcement([("d", 60)]))
+    assert len(index) == 1  # heard, not dropped as while full
+    clock.advance(60)  # the old rebuild is cancelled: no second scan
+    assert len(redis.scans) == 2
+
+
 def test_a_bad_announcement_line_is_ignored_and_logged() -> None:
     index = KeyIndex(_Unused(), Clock(), max_keys=100, rebuild_after=60)  # type: ignore[arg-type]
     with captured("mpcapi.cache") as events:
@@ -241,7 +255,11 @@ class _Unused:
     def key(self, *parts: str) -> str:
         return "p:" + ":".join(parts)
 
+    def __init__(self) -> None:
+        self.scans: list[Any] = []
+
     def eval(self, *args: Any) -> Any:
         from twisted.internet.defer import Deferred
 
+        self.scans.append(args)
         return Deferred()
