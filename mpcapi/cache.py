@@ -56,9 +56,12 @@ _Result = TypeVar("_Result")
 
 
 class Store(Protocol):
-    def get(self, key: str) -> Awaitable[bytes | None]: ...
+    """Where answers are kept. Deferreds, not coroutines: storing in memory, on every miss,
+    then costs no coroutine and no Deferred wrapped around it."""
 
-    def set(self, key: str, value: bytes, ttl: int) -> Awaitable[None]: ...
+    def get(self, key: str) -> Deferred[bytes | None]: ...
+
+    def set(self, key: str, value: bytes, ttl: int) -> Deferred[None]: ...
 
 
 class MemoryStore:
@@ -73,7 +76,14 @@ class MemoryStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def get(self, key: str) -> bytes | None:
+    def get(self, key: str) -> Deferred[bytes | None]:
+        return succeed(self._get(key))
+
+    def set(self, key: str, value: bytes, ttl: int) -> Deferred[None]:
+        self._set(key, value, ttl)
+        return succeed(None)
+
+    def _get(self, key: str) -> bytes | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -84,7 +94,7 @@ class MemoryStore:
         self._entries.move_to_end(key)
         return value
 
-    async def set(self, key: str, value: bytes, ttl: int) -> None:
+    def _set(self, key: str, value: bytes, ttl: int) -> None:
         cost = len(key) + len(value)
         if cost > self.max_bytes:
             return
@@ -335,16 +345,9 @@ class ResponseCache:
             return None
 
     def keep(self, key: str, answer: bytes) -> None:
-        """Store ``answer`` under ``key``, in the background (Redis)."""
-        Deferred.fromCoroutine(self._set(key, answer))
-
-    async def _set(self, key: str, answer: bytes) -> None:
-        try:
-            await self.store.set(key, answer, self.ttl)
-        except RedisUnavailableError:
-            pass
-        except Exception:
-            log.failure("cache store failed")
+        """Store ``answer`` under ``key``, in the background (Redis); a store that fails is
+        logged (a Redis outage is logged once, by the client)."""
+        self.store.set(key, answer, self.ttl).addErrback(_store_failed)
 
     def _mark(self, request: IRequest, outcome: str) -> None:
         record_of(request).cache = outcome
@@ -372,6 +375,11 @@ class ResponseCache:
             b"".join(b"data: " + json.dumps(event).encode("utf-8") + b"\n\n" for event in events)
             + b"data: [DONE]\n\n"
         )
+
+
+def _store_failed(failure: Failure) -> None:
+    if not failure.check(RedisUnavailableError):
+        log.failure("cache store failed", failure)
 
 
 def replay_of(cached: bytes, document: dict[str, Any]) -> list[dict[str, Any]] | None:

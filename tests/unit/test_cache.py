@@ -15,6 +15,7 @@ from mpcapi.cache import (
     STORE_DELAY,
     MemoryStore,
     RedisStore,
+    ResponseCache,
     answer_of_chunks,
     cache_key,
     canonical_body,
@@ -26,7 +27,7 @@ from mpcapi.sse import DONE, SSEParser
 from tests.redisserver import closed_port
 from tests.unit.conftest import CHAT, COMPLETION, Harness, answer, json_body, make_harness
 from tests.unit.test_limits import REDIS_URL, bearer, client_key, header, keyed_harness
-from tests.unit.test_redis import driven, sleep
+from tests.unit.test_redis import captured, driven, sleep
 
 CHAT_ROUTE = "/api/chat/completions"
 TEXT_ANSWER = {
@@ -483,6 +484,28 @@ async def test_redis_store_round_trips_bytes() -> None:
 def test_client_key_fixture_is_a_real_client_key() -> None:
     assert isinstance(client_key("key_x", "x"), ClientKey)
     assert json_body is not None
+
+
+class _FailingStore:
+    """A store whose every store fails with ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def get(self, key: str) -> defer.Deferred[bytes | None]:
+        return defer.succeed(None)
+
+    def set(self, key: str, value: bytes, ttl: int) -> defer.Deferred[None]:
+        return defer.fail(self.error)
+
+
+def test_a_failed_store_is_logged_unless_redis_is_away() -> None:
+    with captured("mpcapi.cache") as events:
+        ResponseCache(_FailingStore(RuntimeError("disk on fire")), 60, "key", True).keep("k", b"v")
+        away = _FailingStore(RedisUnavailableError("down"))
+        ResponseCache(away, 60, "key", True).keep("k", b"v")  # the client logs outages
+    assert [event["log_format"] for event in events] == ["cache store failed"]
+    assert events[0]["log_failure"].check(RuntimeError)
 
 
 class _ControlledRedis:
