@@ -9,7 +9,9 @@
   rows go to an append-only spool file (JSON lines, written in the thread pool) and are
   replayed into the database once it answers again; the insert ignores a request id that is
   already there, so a replay is idempotent. The outage is logged once, and once when it ends.
-  A full queue also sends rows to the spool file: memory stays bounded.
+  A full queue also sends rows to the spool file: memory stays bounded. A row the database
+  refuses while it answers (see ``mpcapi.usagerows``) is not retried, which would hold back
+  every later row: it is logged and kept in a file beside the spool (``refused_path_of``).
 - Cost: LiteLLM's (``x-litellm-response-cost``, or ``usage.cost`` in a stream's usage chunk)
   when it gave one; otherwise tokens times the price table (``etc/prices.toml``; the daemon
   ships a copy as ``mpcapi/data/prices.toml``, ``MPCAPI_PRICES`` overrides it); a model that
@@ -351,6 +353,12 @@ def with_usage_requested(document: Mapping[str, Any]) -> bytes:
 # --- the spool file -----------------------------------------------------------------------------
 
 
+def refused_path_of(spool_path: str) -> str:
+    """Where refused rows are kept: beside the spool, ``usage-spool.refused.jsonl`` say."""
+    root, extension = os.path.splitext(spool_path)
+    return f"{root}.refused{extension or '.jsonl'}"
+
+
 def append_lines(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
     """Append rows as JSON lines and make them durable (runs in a thread)."""
     data = "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows)
@@ -430,6 +438,8 @@ class UsageLedger(Service):
         self.report_queue: Callable[[int], None] = lambda rows: None
         self.database_up = True
         self.dropped = 0  # rows lost because neither the database nor the spool file took them
+        self.refused_path = refused_path_of(spool_path)
+        self.refused = 0  # rows the database refused, kept in refused_path
         self._bodies: dict[str, tuple[bytes | None, bytes | None]] = {}
         self._flushing = False
         self._loop: task.LoopingCall | None = None
@@ -613,9 +623,10 @@ class UsageLedger(Service):
 
     async def _insert(self, rows: list[dict[str, Any]]) -> bool:
         self._last_attempt = self.clock.seconds()
+        refused: list[tuple[dict[str, Any], str]] = []
         try:
             if self.writer is not None:
-                await self.writer.insert(rows)
+                refused = (await self.writer.insert(rows)).refused
             else:
                 await self.database.run(insert_rows, rows)
         except Exception as error:
@@ -623,7 +634,36 @@ class UsageLedger(Service):
             return False
         self._database_back()
         self._stored(rows)
+        if refused:
+            self._set_aside(refused)
         return True
+
+    def _set_aside(self, refused: list[tuple[dict[str, Any], str]]) -> None:
+        """Keep rows the database refused in the refused file, with why (never retried)."""
+        self.refused += len(refused)
+        for row, reason in refused:
+            log.error(
+                "usage row {request_id} refused by the database ({reason}); kept in {path}",
+                request_id=row.get("request_id"),
+                reason=reason,
+                path=self.refused_path,
+            )
+        rows = [{**row, "refused_because": reason} for row, reason in refused]
+        defer.ensureDeferred(self._keep_refused(rows))
+
+    async def _keep_refused(self, rows: list[dict[str, Any]]) -> None:
+        await self._spool_lock.acquire()  # one writer of these files at a time
+        try:
+            await self._in_thread(append_lines, self.refused_path, rows)
+        except Exception as error:
+            self.dropped += len(rows)
+            log.error(
+                "cannot write refused usage rows to {path} ({error}); they are lost",
+                path=self.refused_path,
+                error=error,
+            )
+        finally:
+            self._spool_lock.release()
 
     def _database_down(self, error: BaseException) -> None:
         self._last_attempt = self.clock.seconds()

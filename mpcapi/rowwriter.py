@@ -8,8 +8,10 @@ the encoding of each batch.
 The daemon starts the writer on its first batch (``RowWriter.insert``): ``python -m
 mpcapi.usagerows`` (the program and its protocol are described there), with the database URL
 in its environment, never on its command line, where ``ps`` would show a password. A batch
-the database refused fails with its reason: the ledger then spools the rows and retries
-later, as for any outage. The writer ends when its stdin closes: when the daemon stops, or
+the database could not take fails with its reason: the ledger then spools the rows and
+retries later, as for any outage. Rows refused one by one while the database answers (and
+rows that cannot even be encoded) come back in ``Inserted.refused``, for the ledger to set
+aside. The writer ends when its stdin closes: when the daemon stops, or
 dies. A writer that dies fails its batch; the next batch starts a new one.
 """
 
@@ -22,6 +24,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+import attrs
 import orjson
 from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
@@ -39,8 +42,19 @@ class WriterGoneError(DatabaseError):
     """The writer process ended before it answered."""
 
 
+Row = dict[str, Any]
+
+
+@attrs.frozen
+class Inserted:
+    """What became of a batch: rows new to the database, and rows refused, with why."""
+
+    stored: int
+    refused: list[tuple[Row, str]] = attrs.field(factory=list)
+
+
 class RowWriter(protocol.ProcessProtocol):
-    """The daemon's side: ``insert(rows)`` fires with the count stored, or fails with a
+    """The daemon's side: ``insert(rows)`` fires with what was ``Inserted``, or fails with a
     ``DatabaseError``. Batches are answered in order; the ledger sends one at a time."""
 
     def __init__(self, reactor: Any, database_url: str, python: str = sys.executable) -> None:
@@ -48,19 +62,26 @@ class RowWriter(protocol.ProcessProtocol):
         self._database_url = database_url
         self._python = python
         self._process: Any = None
-        self._waiting: deque[defer.Deferred[int]] = deque()
+        # The answers awaited, in order: each batch's Deferred, rows, and unencodable rows.
+        self._waiting: deque[tuple[defer.Deferred[Inserted], list[Row], list[tuple[Row, str]]]]
+        self._waiting = deque()
         self._buffer = b""
         self._ended: defer.Deferred[None] | None = None
 
-    def insert(self, rows: Sequence[dict[str, Any]]) -> defer.Deferred[int]:
+    def insert(self, rows: Sequence[Row]) -> defer.Deferred[Inserted]:
+        sent: list[Row] = list(rows)
+        unencodable: list[tuple[Row, str]] = []
         try:  # before the batch takes its place among the answers awaited
-            line = orjson.dumps(rows) + b"\n"
-        except (TypeError, orjson.JSONEncodeError) as failure:
-            return defer.fail(DatabaseError(f"a usage row cannot be written: {failure}"))
+            line = orjson.dumps(sent) + b"\n"
+        except (TypeError, orjson.JSONEncodeError):  # e.g. an integer past 64 bits
+            sent, unencodable = _encodable(rows)
+            if not sent:
+                return defer.succeed(Inserted(0, unencodable))
+            line = orjson.dumps(sent) + b"\n"
         if self._process is None:
             self._start()
-        answer: defer.Deferred[int] = defer.Deferred()
-        self._waiting.append(answer)
+        answer: defer.Deferred[Inserted] = defer.Deferred()
+        self._waiting.append((answer, sent, unencodable))
         self._process.write(line)
         return answer
 
@@ -76,9 +97,10 @@ class RowWriter(protocol.ProcessProtocol):
         *lines, self._buffer = self._buffer.split(b"\n")
         for line in lines:
             answer = orjson.loads(line)
-            waiter = self._waiting.popleft()
+            waiter, rows, unencodable = self._waiting.popleft()
             if "stored" in answer:
-                waiter.callback(answer["stored"])
+                refused = [(rows[at], reason) for at, reason in answer.get("refused", ())]
+                waiter.callback(Inserted(answer["stored"], unencodable + refused))
             else:
                 waiter.errback(DatabaseError(answer.get("error") or "the row writer failed"))
 
@@ -92,7 +114,7 @@ class RowWriter(protocol.ProcessProtocol):
         waiting, self._waiting = self._waiting, deque()
         if waiting:
             why = f"the usage row writer ended before it answered: {reason.value}"
-            for waiter in waiting:
+            for waiter, _, _ in waiting:
                 waiter.errback(WriterGoneError(why))
         if ended is not None:
             ended.callback(None)
@@ -112,3 +134,17 @@ class RowWriter(protocol.ProcessProtocol):
     def _kill(process: Any) -> None:
         with contextlib.suppress(error.ProcessExitedAlready):
             process.signalProcess("KILL")
+
+
+def _encodable(rows: Sequence[Row]) -> tuple[list[Row], list[tuple[Row, str]]]:
+    """The rows JSON can carry, and those it cannot, with why."""
+    good: list[Row] = []
+    bad: list[tuple[Row, str]] = []
+    for row in rows:
+        try:
+            orjson.dumps(row)
+        except (TypeError, orjson.JSONEncodeError) as failure:
+            bad.append((row, f"cannot be encoded: {failure}"))
+        else:
+            good.append(row)
+    return good, bad

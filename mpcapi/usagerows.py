@@ -3,9 +3,13 @@ that runs them (``python -m mpcapi.usagerows``, started by ``mpcapi.rowwriter``)
 
 The process reads batches of rows from its stdin, one JSON list per line, and answers each on
 its stdout, one JSON object per line: ``{"stored": n}`` (rows new to the database; a request id
-already there is skipped), or ``{"error": "..."}`` when the database refused the batch. It ends
-when its stdin closes. It imports no Twisted and, for SQLite, no PostgreSQL driver: it is one
-more process per worker, so it stays small.
+already there is skipped), or ``{"error": "..."}`` when the database could not take the batch
+(unreachable, or its usage table is). A batch that fails while the database answers is
+stored row by row: the answer then also lists the rows it refused alone, by position, with
+the reason (``"refused": [[position, "..."], ...]``), so that one bad row never holds back
+the others. Text is stored as it came, except that PostgreSQL, which cannot hold a NUL
+character, gets U+FFFD in its place. It ends when its stdin closes. It imports no Twisted
+and, for SQLite, no PostgreSQL driver: it is one more process per worker, so it stays small.
 """
 
 from __future__ import annotations
@@ -97,10 +101,7 @@ _DEFAULTS = {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "cost_
 def insert_rows(cursor: Cursor, rows: Sequence[Mapping[str, Any]]) -> int:
     """Insert rows, skipping request ids already stored; return how many were new."""
     if cursor.dialect.name == "postgresql":
-        columns = [
-            [_DEFAULTS.get(column) if row.get(column) is None else row[column] for row in rows]
-            for column in COLUMNS
-        ]
+        columns = [[_pg_value(_value(row, column)) for row in rows] for column in COLUMNS]
         return max(cursor.execute(_PG_INSERT, columns).rowcount, 0) if rows else 0
     # SQLite: many rows per statement, one database step (one release of the GIL) for up to
     # 200 rows, where executemany would take one per row.
@@ -109,13 +110,61 @@ def insert_rows(cursor: Cursor, rows: Sequence[Mapping[str, Any]]) -> int:
         size = next(size for size in STATEMENT_SIZES if size <= len(rows) - start)
         chunk = rows[start : start + size]
         start += size
-        values = [
-            _DEFAULTS.get(column) if row.get(column) is None else row[column]
-            for row in chunk
-            for column in COLUMNS
-        ]
+        values = [_value(row, column) for row in chunk for column in COLUMNS]
         stored += max(cursor.execute(insert_statement(size), values).rowcount, 0)
     return stored
+
+
+def _value(row: Mapping[str, Any], column: str) -> Any:
+    value = row.get(column)
+    return _DEFAULTS.get(column) if value is None else value
+
+
+def _pg_value(value: Any) -> Any:
+    """PostgreSQL's text cannot hold NUL (a client may send one, in a model name say)."""
+    if isinstance(value, str) and "\x00" in value:
+        return value.replace("\x00", "\ufffd")
+    return value
+
+
+def store(database: SyncDatabase, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The answer to one batch (see the module): all its rows at once, or, when that fails
+    while the database answers, one by one."""
+    try:
+        return {"stored": database.run(insert_rows, rows)}
+    except Exception as failure:
+        database.close()  # a broken connection is made anew
+        if len(rows) < 2 or not _answers(database):
+            return _refused_or_error(database, rows, failure)
+    stored, refused = 0, []
+    for position, row in enumerate(rows):
+        try:
+            stored += database.run(insert_rows, [row])
+        except Exception as failure:
+            database.close()
+            if not _answers(database):  # gone meanwhile: stored rows are skipped next time
+                return {"error": database.dialect.describe(failure)}
+            refused.append([position, database.dialect.describe(failure)])
+    return {"stored": stored, "refused": refused}
+
+
+def _refused_or_error(
+    database: SyncDatabase, rows: list[dict[str, Any]], failure: Exception
+) -> dict[str, Any]:
+    reason = database.dialect.describe(failure)
+    if len(rows) == 1 and _answers(database):
+        return {"stored": 0, "refused": [[0, reason]]}
+    return {"error": reason}
+
+
+def _answers(database: SyncDatabase) -> bool:
+    """Whether the database and its usage table answer (then a failed row is the row's fault)."""
+    try:
+        database.run(lambda cursor: cursor.execute("SELECT request_id FROM usage WHERE 1 = 0"))
+    except Exception:
+        database.close()
+        return False
+    return True
 
 
 def serve(database_url: str, lines: BinaryIO, answers: BinaryIO) -> None:
@@ -125,14 +174,16 @@ def serve(database_url: str, lines: BinaryIO, answers: BinaryIO) -> None:
     try:
         for line in lines:
             rows = orjson.loads(line)
+            answer: dict[str, Any]
             try:
                 if not migrated:  # the usage table, if this writer is the first to need it
                     database.migrate()
                     migrated = True
-                answer: dict[str, Any] = {"stored": database.run(insert_rows, rows)}
             except Exception as failure:  # this batch failed; the process serves the next
                 database.close()  # a broken connection is made anew for the next batch
                 answer = {"error": database.dialect.describe(failure)}
+            else:
+                answer = store(database, rows)
             answers.write(orjson.dumps(answer) + b"\n")
             answers.flush()
     finally:

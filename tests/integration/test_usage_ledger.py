@@ -160,6 +160,25 @@ def test_rows_and_totals_on_postgresql_with_keys(start_mpcapi: Callable[..., Dae
         assert "budget" in answer["message"]
 
 
+def test_a_nul_in_a_model_name_is_stored_and_holds_back_nothing(
+    start_mpcapi: Callable[..., Daemon],
+) -> None:
+    """PostgreSQL text cannot hold NUL, and a client may put one in a model name: its row is
+    stored with U+FFFD instead, and the rows after it are stored too."""
+    with postgres_schema() as url:
+        daemon = start_mpcapi(MPCAPI_DATABASE_URL=url, MPCAPI_ADMIN_KEY=ADMIN)
+        with sdk(daemon) as client:
+            with pytest.raises(openai.BadRequestError):  # LiteLLM knows no such model
+                client.chat.completions.create(model="gpt\u0000x", messages=HELLO)
+            client.chat.completions.create(model=CHAT_MODEL, messages=HELLO)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and usage(daemon)["totals"]["requests"] < 2:
+            time.sleep(0.2)
+        groups = {g["group"]: g["requests"] for g in usage(daemon)["groups"]}
+        assert groups == {"gpt\ufffdx": 1, CHAT_MODEL: 1}
+        assert "unreachable" not in daemon.log_text()
+
+
 # --- a PostgreSQL of the test's own, stopped and started again ----------------------------------
 
 

@@ -18,10 +18,11 @@ from twisted.internet import reactor, threads
 from twisted.internet.utils import getProcessOutputAndValue
 
 from mpcapi.database import Database, DatabaseError, SyncDatabase
-from mpcapi.ledger import PriceTable, UsageLedger
-from mpcapi.rowwriter import RowWriter, WriterGoneError
+from mpcapi.ledger import PriceTable, UsageLedger, read_lines
+from mpcapi.rowwriter import Inserted, RowWriter, WriterGoneError
 from mpcapi.usagerows import COLUMNS, URL_ENV, serve
 from tests.databases import database_url, sqlite_url
+from tests.unit.test_redis import captured
 
 REFUSED_URL = "postgresql://postgres@127.0.0.1:1/test?connect_timeout=2"
 
@@ -69,7 +70,7 @@ async def test_batches_are_stored_by_the_child_and_a_replayed_id_is_skipped(url:
         again = await writer.insert([row("b"), row("c")])  # b is stored already
     finally:
         await writer.close()
-    assert (first, again) == (2, 1)
+    assert (first, again) == (Inserted(2), Inserted(1))
     assert stored(url) == [("a", 0.5, None), ("b", 0.5, "line\nbreak, ünïcode"), ("c", 0.5, None)]
 
 
@@ -95,12 +96,12 @@ async def test_a_writer_that_dies_fails_its_batch_and_the_next_batch_starts_anot
     url = sqlite_url(tmp_path)
     writer = RowWriter(reactor, url)
     try:
-        assert await writer.insert([row("a")]) == 1
+        assert (await writer.insert([row("a")])).stored == 1
         process: Any = writer._process
         os.kill(process.pid, signal.SIGKILL)
         with pytest.raises(WriterGoneError):
             await writer.insert([row("b")])
-        assert await writer.insert([row("c")]) == 1
+        assert (await writer.insert([row("c")])).stored == 1
         assert writer._process.pid != process.pid
     finally:
         await writer.close()
@@ -114,7 +115,7 @@ async def test_close_waits_for_the_last_batch_then_the_child_is_gone(tmp_path: P
     last = writer.insert([row(f"r{n:03}") for n in range(300)])
     pid = writer._process.pid
     await writer.close()
-    assert await last == 300
+    assert (await last).stored == 300
     assert len(stored(url)) == 300
     with pytest.raises(ProcessLookupError):  # the child has ended and been reaped
         os.kill(pid, 0)
@@ -132,27 +133,80 @@ async def test_a_writer_with_no_database_url_says_so() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_row_that_cannot_be_encoded_fails_its_own_batch_only(tmp_path: Path) -> None:
-    url = sqlite_url(tmp_path)
-    writer = RowWriter(reactor, url)
-    try:
-        with pytest.raises(DatabaseError, match="a usage row cannot be written"):
-            await writer.insert([row("huge", prompt_tokens=2**70)])
-        assert await writer.insert([row("fine")]) == 1  # its answer is its own
-    finally:
-        await writer.close()
-    assert [r[0] for r in stored(url)] == ["fine"]
-
-
-def test_serve_answers_a_failing_batch_with_its_error_and_serves_the_next(
+async def test_a_row_that_cannot_be_encoded_is_refused_and_the_rest_stored(
     tmp_path: Path,
 ) -> None:
+    url = sqlite_url(tmp_path)
+    writer = RowWriter(reactor, url)
+    huge = row("huge", prompt_tokens=2**70)
+    try:
+        alone = await writer.insert([huge])  # never reaches the child
+        mixed = await writer.insert([row("fine"), huge, row("fine too")])
+        after = await writer.insert([row("next")])  # its answer is its own
+    finally:
+        await writer.close()
+    assert alone.stored == 0 and [r for r, _ in alone.refused] == [huge]
+    assert "cannot be encoded" in alone.refused[0][1]
+    assert mixed.stored == 2 and [r for r, _ in mixed.refused] == [huge]
+    assert after == Inserted(1)
+    assert [r[0] for r in stored(url)] == ["fine", "fine too", "next"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_row_the_database_refuses_is_refused_alone_and_the_rest_stored(url: str) -> None:
+    # Past a 64-bit integer for SQLite, past PostgreSQL's integer column: refused either way.
+    poison = row("poison", prompt_tokens=2**63)
+    writer = RowWriter(reactor, url)
+    try:
+        batch = await writer.insert([row("a"), poison, row("b")])
+        alone = await writer.insert([row("c"), poison])  # the same row again, and a new one
+        after = await writer.insert([row("d")])
+    finally:
+        await writer.close()
+    assert batch.stored == 2 and [r for r, _ in batch.refused] == [poison]
+    assert "too large" in batch.refused[0][1] or "out of range" in batch.refused[0][1]
+    assert alone.stored == 1 and [r for r, _ in alone.refused] == [poison]
+    assert after == Inserted(1)
+    assert [r[0] for r in stored(url)] == ["a", "b", "c", "d"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_nul_in_text_is_stored_where_postgresql_cannot_hold_it(url: str) -> None:
+    writer = RowWriter(reactor, url)
+    try:
+        assert await writer.insert([row("nul", response_body="a\x00b")]) == Inserted(1)
+    finally:
+        await writer.close()
+    ((_, _, body),) = stored(url)
+    assert body == ("a\ufffdb" if url.startswith("postgresql") else "a\x00b")
+
+
+def test_serve_refuses_a_malformed_row_and_serves_the_next(tmp_path: Path) -> None:
     lines = io.BytesIO(b"[1]\n" + orjson.dumps([row("a")]) + b"\n")
     answers = io.BytesIO()
     serve(sqlite_url(tmp_path), lines, answers)
     first, second = (orjson.loads(line) for line in answers.getvalue().splitlines())
-    assert set(first) == {"error"} and "get" in first["error"]
+    assert first["stored"] == 0
+    [[position, reason]] = first["refused"]
+    assert position == 0 and "get" in reason
     assert second == {"stored": 1}
+
+
+def test_serve_answers_a_batch_the_database_cannot_take_with_its_error(
+    tmp_path: Path,
+) -> None:
+    url = sqlite_url(tmp_path)
+    SyncDatabase(url).migrate()
+    database = SyncDatabase(url)
+    database.run(lambda cursor: cursor.execute("DROP TABLE usage"))
+    database.close()
+    # The writer migrates first: with the table gone and a migration already recorded, the
+    # database cannot take any row: an error, not one refusal per row.
+    lines = io.BytesIO(orjson.dumps([row("a"), row("b")]) + b"\n")
+    answers = io.BytesIO()
+    serve(url, lines, answers)
+    (answer,) = (orjson.loads(line) for line in answers.getvalue().splitlines())
+    assert set(answer) == {"error"} and "usage" in answer["error"]
 
 
 def test_serve_answers_each_line_in_order(tmp_path: Path) -> None:
@@ -198,3 +252,41 @@ async def test_the_ledger_inserts_through_its_writer_and_stops_it_when_it_stops(
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert not os.path.exists(tmp_path / "spool.jsonl")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_ledger_sets_a_refused_row_aside_and_stores_the_rest(tmp_path: Path) -> None:
+    """A row the database refuses while it answers (tokens past the column's range, from a
+    broken upstream) is logged and kept beside the spool; it does not hold back later rows,
+    nor does it make the ledger count the database as down."""
+    url = sqlite_url(tmp_path)
+    database = Database(url, reactor)
+    spool = tmp_path / "spool.jsonl"
+    ledger = UsageLedger(
+        database,
+        reactor,
+        PriceTable.load(),
+        str(spool),
+        lambda fn, *args: threads.deferToThread(fn, *args),
+        writer=RowWriter(reactor, url),
+    )
+    base = {"route": "/chat/completions", "status": 200}
+    ledger.startService()
+    with captured("mpcapi.ledger") as events:
+        try:
+            ledger.observe({**base, "request_id": "before"})
+            ledger.observe({**base, "request_id": "poison", "prompt_tokens": 2**63})
+            await ledger.flush()
+            ledger.observe({**base, "request_id": "after"})
+            await ledger.flush()
+        finally:
+            await ledger.stopService()
+            database.close()
+    assert [r[0] for r in stored(url)] == ["after", "before"]
+    assert ledger.database_up and ledger.refused == 1 and not spool.exists()
+    assert ledger.refused_path == str(tmp_path / "spool.refused.jsonl")
+    (kept,) = read_lines(ledger.refused_path)
+    assert kept["request_id"] == "poison" and kept["prompt_tokens"] == 2**63
+    assert "too large" in kept["refused_because"]
+    refusals = [e for e in events if "refused by the database" in e["log_format"]]
+    assert [e["request_id"] for e in refusals] == ["poison"]
