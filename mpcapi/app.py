@@ -95,6 +95,7 @@ class Gateway:
         self.keys = keys  # checks client keys; None when MPCAPI_AUTH=off
         if ledger is not None:
             ledger.report_queue = self.metrics.usage_queue.set
+            ledger.report_refused = self.metrics.usage_refused.inc
         # Rate limits and the response cache, in Redis when redis_url is set (see limits, cache).
         self.redis = RedisClient.from_settings(settings, clock)
         if self.redis is not None:

@@ -436,6 +436,8 @@ class UsageLedger(Service):
         self.queue: list[dict[str, Any]] = []
         # Told the rows waiting every FLUSH_EVERY s (the mpcapi_usage_queue_rows gauge).
         self.report_queue: Callable[[int], None] = lambda rows: None
+        # Told each time rows are refused, how many (the mpcapi_usage_rows_refused counter).
+        self.report_refused: Callable[[int], None] = lambda rows: None
         self.database_up = True
         self.dropped = 0  # rows lost because neither the database nor the spool file took them
         self.refused_path = refused_path_of(spool_path)
@@ -641,6 +643,7 @@ class UsageLedger(Service):
     def _set_aside(self, refused: list[tuple[dict[str, Any], str]]) -> None:
         """Keep rows the database refused in the refused file, with why (never retried)."""
         self.refused += len(refused)
+        self.report_refused(len(refused))
         for row, reason in refused:
             log.error(
                 "usage row {request_id} refused by the database ({reason}); kept in {path}",

@@ -384,6 +384,11 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=r,
         )
+        self.usage_refused = Counter(
+            "mpcapi_usage_rows_refused",
+            "Usage rows the database refused (kept in the spool's .refused file, not retried)",
+            registry=r,
+        )
         self.upstream_errors = Counter(
             "mpcapi_upstream_errors",
             "Requests LiteLLM failed: unreachable, timeout, status_5xx, key_refused, broken",

@@ -615,6 +615,17 @@ def test_each_flush_reports_the_rows_waiting(sqlite_db: SyncDb, tmp_path: Path) 
     assert len(sqlite_db.rows()) == 7
 
 
+def test_the_gateway_feeds_the_ledgers_reports_to_its_metrics(
+    sqlite_db: SyncDb, tmp_path: Path
+) -> None:
+    setup = ledgered(sqlite_db, tmp_path)
+    setup.ledger.report_queue(5)
+    setup.ledger.report_refused(2)
+    value = setup.harness.gateway.metrics.registry.get_sample_value
+    assert value("mpcapi_usage_queue_rows") == 5
+    assert value("mpcapi_usage_rows_refused_total") == 2
+
+
 def test_only_openai_routes_are_usage(sqlite_db: SyncDb, tmp_path: Path) -> None:
     ledger, clock = bare_ledger(sqlite_db, tmp_path)
     ledger.observe({**fields(1), "route": None, "path": "/health"})

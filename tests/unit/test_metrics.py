@@ -105,6 +105,7 @@ async def test_metric_families_count_known_traffic_exactly() -> None:
     assert samples[("mpcapi_ratelimited_total", ())] == 0
     assert samples[("mpcapi_redis_failures_total", ())] == 0
     assert samples[("mpcapi_redis_outages_total", ())] == 0
+    assert samples[("mpcapi_usage_rows_refused_total", ())] == 0
     assert samples[("mpcapi_cache_requests_total", labels(result="hit"))] == 0
     assert ("process_cpu_seconds_total", ()) in samples
     assert ("process_resident_memory_bytes", ()) in samples

@@ -270,6 +270,8 @@ async def test_the_ledger_sets_a_refused_row_aside_and_stores_the_rest(tmp_path:
         lambda fn, *args: threads.deferToThread(fn, *args),
         writer=RowWriter(reactor, url),
     )
+    reported: list[int] = []  # what the metrics are told
+    ledger.report_refused = reported.append
     base = {"route": "/chat/completions", "status": 200}
     ledger.startService()
     with captured("mpcapi.ledger") as events:
@@ -284,6 +286,7 @@ async def test_the_ledger_sets_a_refused_row_aside_and_stores_the_rest(tmp_path:
             database.close()
     assert [r[0] for r in stored(url)] == ["after", "before"]
     assert ledger.database_up and ledger.refused == 1 and not spool.exists()
+    assert reported == [1]
     assert ledger.refused_path == str(tmp_path / "spool.refused.jsonl")
     (kept,) = read_lines(ledger.refused_path)
     assert kept["request_id"] == "poison" and kept["prompt_tokens"] == 2**63
