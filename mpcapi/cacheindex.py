@@ -32,7 +32,10 @@ log = Logger(namespace="mpcapi.cache")
 
 BYTES_PER_KEY = 160  # what one known answer costs the index (measured: about 120 bytes)
 SCAN_COUNT = 1000  # keys per SCAN page
-SCAN_RETRY = 1.0  # seconds between attempts of a scan page that failed
+# Seconds before a scan page that failed is tried again, doubling up to SCAN_RETRY_MAX: a
+# Redis that refuses the script (an ACL without SCAN, say) costs a failure a minute.
+SCAN_RETRY = 1.0
+SCAN_RETRY_MAX = 60.0
 PURGE_INTERVAL = 1.0  # seconds between sweeps of expired answers
 
 # One page of the scan: a cursor and, for each answer in it, its name and milliseconds left.
@@ -139,13 +142,15 @@ class KeyIndex:
     async def _scan(self, generation: int) -> None:
         pattern = _glob_escaped(self._prefix) + b"*"
         cursor: Any = b"0"
+        retry = SCAN_RETRY
         while True:
             try:
                 cursor, found = await self._redis.eval(
                     _SCAN_PAGE, [], [cursor, pattern, SCAN_COUNT]
                 )
-            except RedisUnavailableError:  # logged by the client; try again soon
-                await deferLater(self._clock, SCAN_RETRY, lambda: None)
+            except RedisUnavailableError:  # logged by the client; try again later
+                await deferLater(self._clock, retry, lambda: None)
+                retry = min(retry * 2, SCAN_RETRY_MAX)
                 if generation != self._generation:
                     return
                 continue

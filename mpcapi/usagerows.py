@@ -128,37 +128,42 @@ def _pg_value(value: Any) -> Any:
 
 
 def store(database: SyncDatabase, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The answer to one batch (see the module): all its rows at once, or, when that fails
-    while the database answers, one by one."""
+    """The answer to one batch (see the module): all its rows at once or, when that fails
+    on the data while the database answers, one by one."""
     try:
         return {"stored": database.run(insert_rows, rows)}
     except Exception as failure:
         database.close()  # a broken connection is made anew
-        if len(rows) < 2 or not _answers(database):
-            return _refused_or_error(database, rows, failure)
+        if not _rows_fault(database, failure):
+            return {"error": database.dialect.describe(failure)}
     stored, refused = 0, []
     for position, row in enumerate(rows):
         try:
             stored += database.run(insert_rows, [row])
         except Exception as failure:
             database.close()
-            if not _answers(database):  # gone meanwhile: stored rows are skipped next time
+            if not _rows_fault(database, failure):  # rows stored so far are skipped next time
                 return {"error": database.dialect.describe(failure)}
             refused.append([position, database.dialect.describe(failure)])
     return {"stored": stored, "refused": refused}
 
 
-def _refused_or_error(
-    database: SyncDatabase, rows: list[dict[str, Any]], failure: Exception
-) -> dict[str, Any]:
-    reason = database.dialect.describe(failure)
-    if len(rows) == 1 and _answers(database):
-        return {"stored": 0, "refused": [[0, reason]]}
-    return {"error": reason}
+# Errors that say the database cannot take rows now, whatever they hold (by driver, class).
+_DATABASE_FAULTS = {
+    ("sqlite3", "OperationalError"),
+    ("psycopg", "OperationalError"),
+    ("psycopg", "InterfaceError"),
+}
 
 
-def _answers(database: SyncDatabase) -> bool:
-    """Whether the database and its usage table answer (then a failed row is the row's fault)."""
+def _rows_fault(database: SyncDatabase, error: Exception) -> bool:
+    """Whether ``error`` is the rows' fault (data the database refuses), not the database's:
+    unreachable, busy or locked (OperationalError, in both drivers; an InterfaceError in
+    psycopg's), or without its usage table. Only the rows' fault is worth a refusal; anything
+    else is tried again later, whole."""
+    kinds = {(kind.__module__.partition(".")[0], kind.__name__) for kind in type(error).__mro__}
+    if kinds & _DATABASE_FAULTS:
+        return False
     try:
         database.run(lambda cursor: cursor.execute("SELECT request_id FROM usage WHERE 1 = 0"))
     except Exception:

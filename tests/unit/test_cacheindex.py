@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 
 from mpcapi.cache import RedisStore
 from mpcapi.cacheindex import KeyIndex, announcement, channel_of
-from mpcapi.redisclient import RedisClient
+from mpcapi.redisclient import RedisClient, RedisUnavailableError
 from tests.redisserver import REDIS_SERVER, RedisServer, free_port, redis_server
 from tests.unit.test_limits import REDIS_URL
 from tests.unit.test_redis import captured, sleep
@@ -235,6 +235,18 @@ def test_a_resubscription_while_full_builds_at_once_and_hears_announcements() ->
     assert len(redis.scans) == 2
 
 
+def test_a_scan_that_fails_is_tried_again_later_and_later() -> None:
+    clock, redis = Clock(), _Refusing(failures=3)
+    index = KeyIndex(redis, clock, max_keys=100, rebuild_after=60)  # type: ignore[arg-type]
+    index.subscribed()
+    attempts = []
+    for wait in (0, 1, 2, 3.9, 0.1):  # 1 s, then 2 s, then 4 s between attempts
+        clock.advance(wait)
+        attempts.append(redis.calls)
+    assert attempts == [1, 2, 3, 3, 4]
+    assert index.ready
+
+
 def test_a_bad_announcement_line_is_ignored_and_logged() -> None:
     index = KeyIndex(_Unused(), Clock(), max_keys=100, rebuild_after=60)  # type: ignore[arg-type]
     with captured("mpcapi.cache") as events:
@@ -263,3 +275,20 @@ class _Unused:
 
         self.scans.append(args)
         return Deferred()
+
+
+class _Refusing(_Unused):
+    """A RedisClient whose first ``failures`` scans fail; then an empty Redis."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.calls = 0
+
+    def eval(self, *args: Any) -> Any:
+        from twisted.internet.defer import fail, succeed
+
+        self.calls += 1
+        if self.calls <= self.failures:
+            return fail(RedisUnavailableError("refused"))
+        return succeed([b"0", []])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from mpcapi.database import Database, DatabaseError, SyncDatabase
 from mpcapi.ledger import PriceTable, UsageLedger, read_lines
 from mpcapi.rowwriter import Inserted, RowWriter, WriterGoneError
-from mpcapi.usagerows import COLUMNS, URL_ENV, serve
+from mpcapi.usagerows import COLUMNS, URL_ENV, serve, store
 from tests.databases import database_url, sqlite_url
 from tests.unit.test_redis import captured
 
@@ -293,3 +294,24 @@ async def test_the_ledger_sets_a_refused_row_aside_and_stores_the_rest(tmp_path:
     assert "too large" in kept["refused_because"]
     refusals = [e for e in events if "refused by the database" in e["log_format"]]
     assert [e["request_id"] for e in refusals] == ["poison"]
+
+
+def test_a_locked_database_fails_the_batch_whole_and_refuses_no_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process holding SQLite's write lock is the database's state, not the rows'
+    fault: the batch fails whole (the ledger spools it and tries again), no row is refused."""
+    url = sqlite_url(tmp_path)
+    SyncDatabase(url).migrate()
+    monkeypatch.setattr("mpcapi.database.SQLITE_BUSY_TIMEOUT", 0.1)
+    holder = sqlite3.connect(url.removeprefix("sqlite:///"))
+    holder.execute("BEGIN IMMEDIATE")  # the write lock, held
+    try:
+        database = SyncDatabase(url)
+        answer = store(database, [row("a"), row("b")])
+        database.close()
+    finally:
+        holder.rollback()
+        holder.close()
+    assert set(answer) == {"error"} and "locked" in answer["error"]
+    assert stored(url) == []
