@@ -140,14 +140,14 @@ class RedisStore:
         self, redis: RedisClient, clock: IReactorTime, index: KeyIndex | None = None
     ) -> None:
         self._redis = redis
-        self._index = index
+        self.index = index  # what Redis holds, when an index listens (see cacheindex)
         self._lookups = _Batches(self._get_all)
         self._stores = _Batches(self._set_all, clock, STORE_DELAY)
 
     def get(self, key: str) -> Deferred[bytes | None]:
-        if self._index is not None:
-            self._index.start()
-            if not self._index.may_hold(key):
+        if self.index is not None:
+            self.index.start()
+            if not self.index.may_hold(key):
                 return succeed(None)
         return self._lookups.add(key)
 

@@ -72,7 +72,7 @@ class KeyIndex:
         self._redis = redis
         self._clock = clock
         self.max_keys = max_keys
-        self._rebuild_after = rebuild_after
+        self.rebuild_after = rebuild_after
         self._prefix = redis.key("cache", "").encode("utf-8")  # of an answer's Redis key
         self.ready = False  # True: every stored answer is known here
         self._started = False
@@ -190,12 +190,12 @@ class KeyIndex:
             "cache index: Redis holds more than {max_keys} answers (MPCAPI_CACHE_MAX_BYTES); "
             "every lookup asks Redis until a rebuild in {seconds:g} s",
             max_keys=self.max_keys,
-            seconds=self._rebuild_after,
+            seconds=self.rebuild_after,
         )
         self._generation += 1
         self.ready = False
         self._clear()
-        self._rebuild = self._clock.callLater(self._rebuild_after, self._rebuilt)
+        self._rebuild = self._clock.callLater(self.rebuild_after, self._rebuilt)
 
     def _rebuilt(self) -> None:
         self._rebuild = None

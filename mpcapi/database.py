@@ -394,6 +394,21 @@ def lost_connection(error: BaseException) -> bool:
     )
 
 
+# Driver errors that say the database cannot serve now, whatever was asked (driver, class).
+_UNAVAILABLE = {
+    ("sqlite3", "OperationalError"),  # locked, busy, no such table, disk I/O
+    ("psycopg", "OperationalError"),  # unreachable, broken, deadlock, lock or statement timeout
+    ("psycopg", "InterfaceError"),  # the connection is closed
+}
+
+
+def unavailable(error: BaseException) -> bool:
+    """Whether ``error`` says the database cannot serve now (unreachable, busy, locked,
+    broken), rather than refusing what it was given; either driver, imported or not."""
+    kinds = {(kind.__module__.partition(".")[0], kind.__name__) for kind in type(error).__mro__}
+    return bool(kinds & _UNAVAILABLE)
+
+
 def driver_errors() -> tuple[type[BaseException], ...]:
     """The exceptions the drivers raise (psycopg's only when it is installed)."""
     errors: list[type[BaseException]] = [sqlite3.Error]

@@ -655,18 +655,13 @@ class UsageLedger(Service):
         defer.ensureDeferred(self._keep_refused(rows))
 
     async def _keep_refused(self, rows: list[dict[str, Any]]) -> None:
-        await self._spool_lock.acquire()  # one writer of these files at a time
-        try:
-            await self._in_thread(append_lines, self.refused_path, rows)
-        except Exception as error:
-            self.dropped += len(rows)
+        error = await self._append(self.refused_path, rows)
+        if error is not None:
             log.error(
                 "cannot write refused usage rows to {path} ({error}); they are lost",
                 path=self.refused_path,
                 error=error,
             )
-        finally:
-            self._spool_lock.release()
 
     def _database_down(self, error: BaseException) -> None:
         self._last_attempt = self.clock.seconds()
@@ -695,24 +690,32 @@ class UsageLedger(Service):
         try:
             while self._to_spool:
                 rows, self._to_spool = self._to_spool, []
-                await self._spool_lock.acquire()
-                try:
-                    await self._in_thread(append_lines, self.spool_path, rows)
+                error = await self._append(self.spool_path, rows)
+                if error is None:
                     self.spooled = True
                     self._spool_failed = False
-                except Exception as error:
-                    self.dropped += len(rows)
-                    if not self._spool_failed:
-                        self._spool_failed = True
-                        log.error(
-                            "cannot write usage rows to {spool} ({error}); they are lost",
-                            spool=self.spool_path,
-                            error=error,
-                        )
-                finally:
-                    self._spool_lock.release()
+                elif not self._spool_failed:
+                    self._spool_failed = True
+                    log.error(
+                        "cannot write usage rows to {spool} ({error}); they are lost",
+                        spool=self.spool_path,
+                        error=error,
+                    )
         finally:
             self._spool_writing = False
+
+    async def _append(self, path: str, rows: list[dict[str, Any]]) -> Exception | None:
+        """Append rows to the spool or the refused file (one writer of these files at a
+        time); on failure they count as dropped, and the error is returned."""
+        await self._spool_lock.acquire()
+        try:
+            await self._in_thread(append_lines, path, rows)
+        except Exception as error:
+            self.dropped += len(rows)
+            return error
+        finally:
+            self._spool_lock.release()
+        return None
 
     async def _replay(self) -> None:
         """Insert the spool file's rows (an id already stored is skipped), then remove it."""

@@ -53,6 +53,10 @@ class Inserted:
     refused: list[tuple[Row, str]] = attrs.field(factory=list)
 
 
+# A batch awaiting its answer: its Deferred, the rows sent, and the rows that could not be.
+_Awaited = tuple[defer.Deferred[Inserted], list[Row], list[tuple[Row, str]]]
+
+
 class RowWriter(protocol.ProcessProtocol):
     """The daemon's side: ``insert(rows)`` fires with what was ``Inserted``, or fails with a
     ``DatabaseError``. Batches are answered in order; the ledger sends one at a time."""
@@ -62,9 +66,7 @@ class RowWriter(protocol.ProcessProtocol):
         self._database_url = database_url
         self._python = python
         self._process: Any = None
-        # The answers awaited, in order: each batch's Deferred, rows, and unencodable rows.
-        self._waiting: deque[tuple[defer.Deferred[Inserted], list[Row], list[tuple[Row, str]]]]
-        self._waiting = deque()
+        self._waiting: deque[_Awaited] = deque()  # in the order the batches went
         self._buffer = b""
         self._ended: defer.Deferred[None] | None = None
 

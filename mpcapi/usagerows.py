@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
 
-from mpcapi.database import SyncDatabase
+from mpcapi.database import SyncDatabase, unavailable
 
 if TYPE_CHECKING:
     from mpcapi.database import Cursor
@@ -148,21 +148,11 @@ def store(database: SyncDatabase, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"stored": stored, "refused": refused}
 
 
-# Errors that say the database cannot take rows now, whatever they hold (by driver, class).
-_DATABASE_FAULTS = {
-    ("sqlite3", "OperationalError"),
-    ("psycopg", "OperationalError"),
-    ("psycopg", "InterfaceError"),
-}
-
-
 def _rows_fault(database: SyncDatabase, error: Exception) -> bool:
     """Whether ``error`` is the rows' fault (data the database refuses), not the database's:
-    unreachable, busy or locked (OperationalError, in both drivers; an InterfaceError in
-    psycopg's), or without its usage table. Only the rows' fault is worth a refusal; anything
-    else is tried again later, whole."""
-    kinds = {(kind.__module__.partition(".")[0], kind.__name__) for kind in type(error).__mro__}
-    if kinds & _DATABASE_FAULTS:
+    unavailable (see ``database.unavailable``) or without its usage table. Only the rows'
+    fault is worth a refusal; anything else is tried again later, whole."""
+    if unavailable(error):
         return False
     try:
         database.run(lambda cursor: cursor.execute("SELECT request_id FROM usage WHERE 1 = 0"))

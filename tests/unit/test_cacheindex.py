@@ -14,11 +14,13 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
 from twisted.internet.task import Clock
 
-from mpcapi.cache import RedisStore
+from mpcapi.cache import RedisStore, ResponseCache
 from mpcapi.cacheindex import KeyIndex, announcement, channel_of
 from mpcapi.redisclient import RedisClient, RedisUnavailableError
+from mpcapi.settings import Settings
 from tests.redisserver import REDIS_SERVER, RedisServer, free_port, redis_server
 from tests.unit.test_limits import REDIS_URL
 from tests.unit.test_redis import captured, sleep
@@ -96,9 +98,8 @@ async def test_an_answer_stored_by_one_instance_is_known_to_the_other() -> None:
 async def test_answers_stored_before_the_subscription_are_found_by_its_scan() -> None:
     async with instances() as make:
         one = make()
-        for n in range(2500):  # three pages of the scan
-            one.store.set(f"old{n}", b"v%d" % n, 60)
-        await until(lambda: not one.store._stores._waiting and not one.store._stores._in_flight)
+        # Three pages of the scan.
+        await gatherResults([one.store.set(f"old{n}", b"v%d" % n, 60) for n in range(2500)])
         two = await make().started()
         assert len(two.index) == 2500
         assert await two.store.get("old1234") == b"v1234"
@@ -199,6 +200,19 @@ async def test_a_full_index_asks_redis_for_everything_then_rebuilds() -> None:
             assert not one.index.ready
             assert len(events) >= 2
             assert await one.store.get("d") == b"4"
+
+
+def test_the_daemons_index_is_bounded_by_the_cache_size_and_rebuilds_after_the_ttl() -> None:
+    client = RedisClient("redis://127.0.0.1:1", reactor)
+
+    def index_of(**settings: Any) -> Any:
+        cache = ResponseCache.from_settings(Settings(**settings), Clock(), client)
+        return cache.store.index  # type: ignore[attr-defined]
+
+    default = index_of(cache_ttl=600)
+    assert (default.max_keys, default.rebuild_after) == (419_430, 600)  # 64 MiB / 160 bytes
+    short = index_of(cache_ttl=5, cache_max_bytes=16_000)
+    assert (short.max_keys, short.rebuild_after) == (100, 60)  # at least a minute
 
 
 def test_answers_are_known_until_their_ttl_ends_and_then_swept() -> None:

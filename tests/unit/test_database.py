@@ -6,7 +6,7 @@ import psycopg
 import pytest_twisted
 from twisted.internet import reactor, threads
 
-from mpcapi.database import Database, lost_connection
+from mpcapi.database import Database, lost_connection, unavailable
 from tests.databases import own_postgres
 
 
@@ -35,3 +35,26 @@ async def test_the_first_query_after_a_restart_is_answered() -> None:
             assert await database.run(count) == 1
         finally:
             database.close()
+
+
+def test_unavailable_tells_the_databases_state_from_a_refusal_of_the_data() -> None:
+    import sqlite3
+
+    import psycopg
+
+    for state in (
+        sqlite3.OperationalError("database is locked"),
+        psycopg.OperationalError("connection failed"),
+        psycopg.errors.DeadlockDetected("deadlock detected"),
+        psycopg.errors.QueryCanceled("canceling statement due to statement timeout"),
+        psycopg.InterfaceError("the connection is closed"),
+    ):
+        assert unavailable(state), state
+    for refusal in (
+        sqlite3.IntegrityError("NOT NULL constraint failed"),
+        sqlite3.InterfaceError("Error binding parameter 1"),
+        psycopg.DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes"),
+        psycopg.errors.NumericValueOutOfRange("integer out of range"),
+        OverflowError("Python int too large to convert to SQLite INTEGER"),
+    ):
+        assert not unavailable(refusal), refusal
