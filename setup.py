@@ -10,7 +10,9 @@ setup(
     # twisted/plugins has no __init__.py (twistd finds plugins there), so it is named by hand.
     packages=[*find_packages(exclude=["tests*", "bench*"]), "twisted.plugins"],
     package_data={
-        "mpcapi": ["schemas/*.json", "py.typed", "dashboard/static/*", "data/prices.toml"]
+        "mpcapi": ["py.typed", "data/prices.toml"],
+        "mpcapi.openai": ["schemas/*.json"],
+        "mpcapi.metrics.dashboard": ["static/*"],
     },
     install_requires=[
         "twisted>=24.7.0",

@@ -173,7 +173,7 @@ class Proc:
                     cmdline = f.read()
             except OSError:
                 continue
-            if b"mpcapi.usagerows" in cmdline:
+            if b"mpcapi.storage.usagerows" in cmdline:
                 role = "row writer"
             else:
                 role = "daemon" if pid == self.popen.pid else "worker"

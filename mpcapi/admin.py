@@ -24,10 +24,10 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from mpcapi.database import DatabaseError, SyncDatabase, driver_errors
-from mpcapi.keys import ClientKey, create_key, list_keys, revoke_key
-from mpcapi.ledger import GROUPS, summary_document, summary_query, usage_summary, usage_table
-from mpcapi.settings import CONFIG_ENV, ConfigError, load_settings
+from mpcapi.config.settings import CONFIG_ENV, ConfigError, load_settings
+from mpcapi.ledger.ledger import GROUPS, summary_document, summary_query, usage_summary, usage_table
+from mpcapi.policy.keys import ClientKey, create_key, list_keys, revoke_key
+from mpcapi.storage.database import DatabaseError, SyncDatabase, driver_errors
 
 PROG = "mpcapi-admin"
 

@@ -14,20 +14,17 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
 
-from mpcapi.app import Gateway
-from mpcapi.balancer import HealthProbe
-from mpcapi.database import DatabaseError, migrate_now
-from mpcapi.heap import freeze_startup_heap
-from mpcapi.keys import open_authenticator
-from mpcapi.ledger import PriceTable, open_ledger
-from mpcapi.lifecycle import Drain
-from mpcapi.logs import LogSwitch, TurnFlushedOutput, observer_for
-from mpcapi.metrics import MULTIPROC_ENV, Metrics
-from mpcapi.reload import Loader, Reloader, ReloadOnSighup
-from mpcapi.settings import CONFIG_ENV, SETTINGS, ConfigError, Settings, load_settings
-from mpcapi.site import ConnectionCap, GatewaySite
-from mpcapi.upstream import LiteLLMClient, make_http_client, make_pool
-from mpcapi.workers import (
+from mpcapi.config.settings import CONFIG_ENV, SETTINGS, ConfigError, Settings, load_settings
+from mpcapi.http.app import Gateway
+from mpcapi.http.site import ConnectionCap, GatewaySite
+from mpcapi.ledger.ledger import PriceTable, open_ledger
+from mpcapi.metrics.metrics import MULTIPROC_ENV, Metrics
+from mpcapi.policy.keys import open_authenticator
+from mpcapi.runtime.heap import freeze_startup_heap
+from mpcapi.runtime.lifecycle import Drain
+from mpcapi.runtime.logs import LogSwitch, TurnFlushedOutput, observer_for
+from mpcapi.runtime.reload import Loader, Reloader, ReloadOnSighup
+from mpcapi.runtime.workers import (
     WORKER_FD_ENV,
     WORKER_ID_ENV,
     AdoptedPort,
@@ -35,6 +32,9 @@ from mpcapi.workers import (
     listening_socket,
     worker_argv,
 )
+from mpcapi.storage.database import DatabaseError, migrate_now
+from mpcapi.upstream.balancer import HealthProbe
+from mpcapi.upstream.client import LiteLLMClient, make_http_client, make_pool
 
 log = Logger(namespace="mpcapi")
 

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from openai import OpenAI
 
-from mpcapi.limits import LEASE_SECONDS
+from mpcapi.policy.limits import LEASE_SECONDS
 from tests.databases import postgres_schema
 from tests.redisserver import REDIS_SERVER, SHARED_REDIS_URL, RedisServer, free_port
 

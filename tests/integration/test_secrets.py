@@ -19,7 +19,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from mpcapi.keys import hash_key
+from mpcapi.policy.keys import hash_key
 from tests.databases import postgres_schema
 from tests.redisserver import REDIS_SERVER, RedisServer, closed_port, free_port
 

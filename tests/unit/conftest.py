@@ -15,10 +15,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from mpcapi.app import Gateway
-from mpcapi.keys import KeyAuthenticator, open_authenticator
-from mpcapi.settings import Settings
-from mpcapi.upstream import LiteLLMClient
+from mpcapi.config.settings import Settings
+from mpcapi.http.app import Gateway
+from mpcapi.policy.keys import KeyAuthenticator, open_authenticator
+from mpcapi.upstream.client import LiteLLMClient
 
 UPSTREAM = "http://litellm.test:4000"
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello!"}]}

@@ -10,8 +10,8 @@ import pytest_twisted
 from treq.testing import StubTreq
 from twisted.internet import defer
 
-from mpcapi.app import Gateway
-from mpcapi.requestlog import RequestLogging, RequestObserver, new_request_id
+from mpcapi.http.app import Gateway
+from mpcapi.http.requestlog import RequestLogging, RequestObserver, new_request_id
 from tests.unit.conftest import (
     CHAT,
     COMPLETION,
@@ -347,7 +347,7 @@ async def test_bug_is_500_without_traceback(harness: Harness) -> None:
 def make_broken_client(validator: object) -> object:
     from treq.testing import StubTreq
 
-    from mpcapi.app import Gateway
+    from mpcapi.http.app import Gateway
 
     base = make_harness()
     gateway = Gateway(base.settings, object(), base.clock, validator)  # type: ignore[arg-type]
@@ -425,8 +425,8 @@ async def test_usage_api_without_a_ledger_is_503() -> None:
 def test_the_ledger_can_be_switched_off(tmp_path: object) -> None:
     from twisted.internet import reactor
 
-    from mpcapi.ledger import UsageLedger
-    from mpcapi.settings import Settings
+    from mpcapi.config.settings import Settings
+    from mpcapi.ledger.ledger import UsageLedger
     from mpcapi.tap import build_service
 
     def ledgers(settings: Settings) -> list[object]:
@@ -466,7 +466,7 @@ def test_autobahn_is_loaded_only_for_the_first_websocket() -> None:
     script = (
         "import sys\n"
         "from twisted.internet import reactor\n"
-        "from mpcapi.settings import Settings\n"
+        "from mpcapi.config.settings import Settings\n"
         "from mpcapi.tap import build_service\n"
         "build_service(Settings(usage_ledger=False), reactor)\n"
         "print(any(name.startswith('autobahn') for name in sys.modules))\n"

@@ -22,10 +22,10 @@ from twisted.web.client import ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from mpcapi.app import Gateway
-from mpcapi.balancer import Balancer, HealthProbe, Upstream
-from mpcapi.settings import Settings
-from mpcapi.upstream import LiteLLMClient
+from mpcapi.config.settings import Settings
+from mpcapi.http.app import Gateway
+from mpcapi.upstream.balancer import Balancer, HealthProbe, Upstream
+from mpcapi.upstream.client import LiteLLMClient
 from tests.unit.conftest import CHAT, FakeLiteLLM, answer, json_body, never_answer
 
 A, B, C = "http://a.test:4000", "http://b.test:4000", "http://c.test:4000"

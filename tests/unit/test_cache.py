@@ -11,7 +11,8 @@ from twisted.internet import defer
 from twisted.internet import reactor as global_reactor
 from twisted.internet.task import Clock
 
-from mpcapi.cache import (
+from mpcapi.openai.sse import DONE, SSEParser
+from mpcapi.policy.cache import (
     STORE_DELAY,
     MemoryStore,
     RedisStore,
@@ -21,9 +22,8 @@ from mpcapi.cache import (
     canonical_body,
     replay_events,
 )
-from mpcapi.keys import ClientKey
-from mpcapi.redisclient import RedisClient, RedisUnavailableError
-from mpcapi.sse import DONE, SSEParser
+from mpcapi.policy.keys import ClientKey
+from mpcapi.storage.redis import RedisClient, RedisUnavailableError
 from tests.redisserver import closed_port
 from tests.unit.conftest import CHAT, COMPLETION, Harness, answer, json_body, make_harness
 from tests.unit.test_limits import REDIS_URL, bearer, client_key, header, keyed_harness

@@ -17,10 +17,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 from twisted.internet.task import Clock
 
-from mpcapi.cache import RedisStore, ResponseCache
-from mpcapi.cacheindex import KeyIndex, announcement, channel_of
-from mpcapi.redisclient import RedisClient, RedisUnavailableError
-from mpcapi.settings import Settings
+from mpcapi.config.settings import Settings
+from mpcapi.policy.cache import RedisStore, ResponseCache
+from mpcapi.policy.cacheindex import KeyIndex, announcement, channel_of
+from mpcapi.storage.redis import RedisClient, RedisUnavailableError
 from tests.redisserver import REDIS_SERVER, RedisServer, free_port, redis_server
 from tests.unit.test_limits import REDIS_URL
 from tests.unit.test_redis import captured, sleep

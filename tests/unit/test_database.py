@@ -6,7 +6,7 @@ import psycopg
 import pytest_twisted
 from twisted.internet import reactor, threads
 
-from mpcapi.database import Database, lost_connection, unavailable
+from mpcapi.storage.database import Database, lost_connection, unavailable
 from tests.databases import own_postgres
 
 

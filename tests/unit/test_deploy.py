@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from mpcapi import settings as settings_module
+from mpcapi.config import settings as settings_module
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBERNETES = ROOT / "deploy" / "kubernetes"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 
-from mpcapi.heap import freeze_startup_heap
+from mpcapi.runtime.heap import freeze_startup_heap
 
 
 def test_what_lives_at_start_up_is_frozen_and_garbage_is_not() -> None:

@@ -21,12 +21,14 @@ from twisted.internet.task import deferLater
 from twisted.logger import LogEvent, formatEvent
 from twisted.web.test.requesthelper import DummyRequest
 
-from mpcapi import keys as keys_module
 from mpcapi.admin import main as admin_main
-from mpcapi.app import Gateway
-from mpcapi.database import MIGRATIONS, Database, Migration, SyncDatabase
+from mpcapi.config.settings import Settings
 from mpcapi.errors import ApiError
-from mpcapi.keys import (
+from mpcapi.http.app import Gateway
+from mpcapi.http.requestlog import RequestRecord, record_of
+from mpcapi.openai.validation import RequestValidator
+from mpcapi.policy import keys as keys_module
+from mpcapi.policy.keys import (
     FRESH_FOR,
     UNKNOWN_FOR,
     USABLE_FOR,
@@ -38,10 +40,8 @@ from mpcapi.keys import (
     require_admin,
     revoke_key,
 )
-from mpcapi.requestlog import RequestRecord, record_of
-from mpcapi.settings import Settings
-from mpcapi.validation import RequestValidator
-from mpcapi.websocket import WebSocketEndpoint
+from mpcapi.storage.database import MIGRATIONS, Database, Migration, SyncDatabase
+from mpcapi.websocket.endpoint import WebSocketEndpoint
 from tests.databases import database_url, sqlite_url
 from tests.unit.conftest import CHAT, Harness, make_harness
 
@@ -481,7 +481,7 @@ async def test_database_round_trip_and_migrations_once(db_url: str) -> None:
 def test_a_later_migration_applies_alone(db_url: str) -> None:
     database = SyncDatabase(db_url)
     try:
-        from mpcapi.database import apply_migrations
+        from mpcapi.storage.database import apply_migrations
 
         current = [m.version for m in MIGRATIONS]
         assert database.migrate() == current
@@ -504,7 +504,7 @@ def test_a_later_migration_applies_alone(db_url: str) -> None:
 
 
 def test_a_failed_migration_leaves_nothing_behind(tmp_path: Path) -> None:
-    from mpcapi.database import apply_migrations
+    from mpcapi.storage.database import apply_migrations
 
     database = SyncDatabase(sqlite_url(tmp_path))
     try:

@@ -24,10 +24,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from mpcapi.admin import main as admin_main
-from mpcapi.app import Gateway
-from mpcapi.database import SyncDatabase
-from mpcapi.keys import ClientKey, KeyAuthenticator, create_key
-from mpcapi.ledger import (
+from mpcapi.http.app import Gateway
+from mpcapi.ledger.ledger import (
     FLUSH_EVERY,
     REDACTED,
     PriceTable,
@@ -36,7 +34,9 @@ from mpcapi.ledger import (
     cost_of,
     read_lines,
 )
-from mpcapi.usagerows import STATEMENT_SIZES, insert_rows
+from mpcapi.policy.keys import ClientKey, KeyAuthenticator, create_key
+from mpcapi.storage.database import SyncDatabase
+from mpcapi.storage.usagerows import STATEMENT_SIZES, insert_rows
 from tests.databases import database_url
 from tests.unit.conftest import CHAT, COMPLETION, Harness, answer, json_body, make_harness
 

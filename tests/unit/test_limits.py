@@ -15,10 +15,11 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
 
-from mpcapi.app import Gateway
+from mpcapi.config.settings import Settings
 from mpcapi.errors import ApiError
-from mpcapi.keys import ClientKey
-from mpcapi.limits import (
+from mpcapi.http.app import Gateway
+from mpcapi.policy.keys import ClientKey
+from mpcapi.policy.limits import (
     Counts,
     MemoryWindows,
     RateLimiter,
@@ -26,8 +27,7 @@ from mpcapi.limits import (
     duration_text,
     limit_headers,
 )
-from mpcapi.redisclient import RedisClient, RedisUnavailableError, parse_redis_url
-from mpcapi.settings import Settings
+from mpcapi.storage.redis import RedisClient, RedisUnavailableError, parse_redis_url
 from tests.unit.conftest import (
     CHAT,
     UPSTREAM,
@@ -257,7 +257,7 @@ async def test_without_auth_the_limit_is_per_client_address() -> None:
         def getClientAddress(self) -> Any:
             return type("Address", (), {"host": self.host})()
 
-    from mpcapi.requestlog import RequestRecord
+    from mpcapi.http.requestlog import RequestRecord
 
     requests = [Request("10.0.0.1"), Request("10.0.0.2"), Request("10.0.0.1")]
     outcomes = []
@@ -436,7 +436,7 @@ async def test_redis_near_a_high_limit_every_admission_asks_redis(
     redis_client: RedisClient,
 ) -> None:
     windows = RedisWindows(redis_client, Clock())
-    from mpcapi.limits import _ADMIT
+    from mpcapi.policy.limits import _ADMIT
 
     keys = windows._keys("addr:1")
     await redis_client.eval(_ADMIT, keys, [0, 0, 60000, 0, 899])  # 899 requests so far

@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from mpcapi.logs import JsonLinesObserver, TurnFlushedOutput, encode_record, event_as_record
+from mpcapi.runtime.logs import JsonLinesObserver, TurnFlushedOutput, encode_record, event_as_record
 
 
 def _lines(out: io.StringIO) -> list[dict[str, object]]:

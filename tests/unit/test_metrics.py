@@ -11,7 +11,7 @@ import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 
-from mpcapi.metrics import (
+from mpcapi.metrics.metrics import (
     MODEL_LABEL_LIMIT,
     ErrorRing,
     Metrics,

@@ -11,10 +11,10 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from mpcapi.app import Gateway
-from mpcapi.openapi import BODY_SCHEMAS, build_document, expand_rule, routes_of
-from mpcapi.settings import Settings
-from mpcapi.validation import SCHEMA_NAMES, load_schema
+from mpcapi.config.settings import Settings
+from mpcapi.http.app import Gateway
+from mpcapi.openai.openapi import BODY_SCHEMAS, build_document, expand_rule, routes_of
+from mpcapi.openai.validation import SCHEMA_NAMES, load_schema
 from tests.unit.conftest import Harness, json_body
 
 

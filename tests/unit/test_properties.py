@@ -20,8 +20,8 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseNeverReceived
 
-from mpcapi.app import Gateway
-from mpcapi.openapi import routes_of
+from mpcapi.http.app import Gateway
+from mpcapi.openai.openapi import routes_of
 from tests.unit.conftest import CHAT, Harness, make_harness
 
 ROUTES = sorted({(path, method) for path, method, _ in routes_of(Gateway.app.url_map)})

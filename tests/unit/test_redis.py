@@ -16,7 +16,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor, task
 from twisted.logger import globalLogPublisher
 
-from mpcapi.redisclient import RedisClient, RedisUnavailableError
+from mpcapi.storage.redis import RedisClient, RedisUnavailableError
 from tests.redisserver import REDIS_SERVER, closed_port, redis_server
 
 T = TypeVar("T")

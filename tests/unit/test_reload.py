@@ -16,11 +16,11 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, formatEvent
 
-from mpcapi.balancer import HealthProbe
-from mpcapi.keys import revoke_key
-from mpcapi.logs import LogSwitch
-from mpcapi.reload import Reloader, ReloadOnSighup
-from mpcapi.settings import load_settings
+from mpcapi.config.settings import load_settings
+from mpcapi.policy.keys import revoke_key
+from mpcapi.runtime.logs import LogSwitch
+from mpcapi.runtime.reload import Reloader, ReloadOnSighup
+from mpcapi.upstream.balancer import HealthProbe
 from tests.databases import sqlite_url
 from tests.unit.conftest import CHAT, UPSTREAM, Harness, make_harness, never_answer
 from tests.unit.test_keys import call, database_of, new_key

@@ -18,10 +18,10 @@ import pytest_twisted
 from twisted.internet import reactor, threads
 from twisted.internet.utils import getProcessOutputAndValue
 
-from mpcapi.database import Database, DatabaseError, SyncDatabase
-from mpcapi.ledger import PriceTable, UsageLedger, read_lines
-from mpcapi.rowwriter import Inserted, RowWriter, WriterGoneError
-from mpcapi.usagerows import COLUMNS, URL_ENV, serve, store
+from mpcapi.ledger.ledger import PriceTable, UsageLedger, read_lines
+from mpcapi.ledger.rowwriter import Inserted, RowWriter, WriterGoneError
+from mpcapi.storage.database import Database, DatabaseError, SyncDatabase
+from mpcapi.storage.usagerows import COLUMNS, URL_ENV, serve, store
 from tests.databases import database_url, sqlite_url
 from tests.unit.test_redis import captured
 
@@ -127,7 +127,7 @@ async def test_close_waits_for_the_last_batch_then_the_child_is_gone(tmp_path: P
 async def test_a_writer_with_no_database_url_says_so() -> None:
     env = {k: v for k, v in os.environ.items() if k != URL_ENV}
     _, err, code = await getProcessOutputAndValue(
-        sys.executable, ["-m", "mpcapi.usagerows"], env=env
+        sys.executable, ["-m", "mpcapi.storage.usagerows"], env=env
     )
     assert code == 2
     assert b"MPCAPI_ROWWRITER_DATABASE_URL is not set" in err
@@ -303,7 +303,7 @@ def test_a_locked_database_fails_the_batch_whole_and_refuses_no_row(
     fault: the batch fails whole (the ledger spools it and tries again), no row is refused."""
     url = sqlite_url(tmp_path)
     SyncDatabase(url).migrate()
-    monkeypatch.setattr("mpcapi.database.SQLITE_BUSY_TIMEOUT", 0.1)
+    monkeypatch.setattr("mpcapi.storage.database.SQLITE_BUSY_TIMEOUT", 0.1)
     holder = sqlite3.connect(url.removeprefix("sqlite:///"))
     holder.execute("BEGIN IMMEDIATE")  # the write lock, held
     try:

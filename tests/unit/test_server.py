@@ -25,10 +25,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
-from mpcapi.app import Gateway
-from mpcapi.settings import Settings
-from mpcapi.site import ConnectionCap, GatewaySite, LimitedRequest
-from mpcapi.upstream import LiteLLMClient, make_http_client, make_pool
+from mpcapi.config.settings import Settings
+from mpcapi.http.app import Gateway
+from mpcapi.http.site import ConnectionCap, GatewaySite, LimitedRequest
+from mpcapi.upstream.client import LiteLLMClient, make_http_client, make_pool
 from tests.unit.conftest import CHAT
 
 LIMIT = 64 * 1024

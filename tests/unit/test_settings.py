@@ -8,7 +8,7 @@ from typing import Any
 import attrs
 import pytest
 
-from mpcapi.settings import SETTINGS, ConfigError, Settings, load_settings
+from mpcapi.config.settings import SETTINGS, ConfigError, Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 

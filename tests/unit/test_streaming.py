@@ -11,7 +11,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.web.server import NOT_DONE_YET, Request
 
-from mpcapi.streaming import error_event
+from mpcapi.http.streaming import error_event
 from tests.unit.conftest import CHAT, Harness, answer, json_body, make_harness
 
 STREAM = {**CHAT, "stream": True}

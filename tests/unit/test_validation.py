@@ -11,7 +11,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-from mpcapi.validation import (
+from mpcapi.openai.validation import (
     SCHEMA_NAMES,
     RequestValidator,
     field_path,

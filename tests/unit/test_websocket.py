@@ -18,13 +18,13 @@ from twisted.web.server import NOT_DONE_YET, Request
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
-from mpcapi.app import Gateway
+from mpcapi.config.settings import Settings
 from mpcapi.errors import ApiError
-from mpcapi.settings import Settings
-from mpcapi.site import GatewaySite
-from mpcapi.sse import SSEEvent, SSEParser
-from mpcapi.upstream import LiteLLMClient
-from mpcapi.websocket import GatewayWebSocketProtocol, WebSocketSession, same_host
+from mpcapi.http.app import Gateway
+from mpcapi.http.site import GatewaySite
+from mpcapi.openai.sse import SSEEvent, SSEParser
+from mpcapi.upstream.client import LiteLLMClient
+from mpcapi.websocket.endpoint import GatewayWebSocketProtocol, WebSocketSession, same_host
 from tests.unit.conftest import CHAT, UPSTREAM, FakeLiteLLM, answer, never_answer
 
 SERVER = IPv4Address("TCP", "127.0.0.1", 3000)

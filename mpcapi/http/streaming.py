@@ -22,9 +22,9 @@ from twisted.web.client import ResponseDone
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from mpcapi.sse import DONE, SSEEvent, SSEParser
-from mpcapi.upstream import UpstreamBody
-from mpcapi.usage import Usage, usage_of_chunk
+from mpcapi.openai.sse import DONE, SSEEvent, SSEParser
+from mpcapi.openai.usage import Usage, usage_of_chunk
+from mpcapi.upstream.client import UpstreamBody
 
 SSE_HEADERS = {
     b"content-type": b"text/event-stream",

@@ -46,9 +46,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 
+from mpcapi.config.settings import Settings
 from mpcapi.errors import ApiError
-from mpcapi.keys import require_admin
-from mpcapi.settings import Settings
+from mpcapi.policy.keys import require_admin
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 MODEL_LABEL_LIMIT = 50

@@ -37,20 +37,20 @@ from twisted.web.iweb import IRequest, IResponse
 from twisted.web.resource import IResource
 from zope.interface import implementer
 
-from mpcapi.cache import ResponseCache, answer_of_chunks, cache_key, replay_of
+from mpcapi.config.settings import Settings
 from mpcapi.errors import ApiError, bad_gateway, bad_request, gateway_timeout, internal_error
-from mpcapi.ledger import asks_for_usage
-from mpcapi.requestlog import STREAM_FORMAT
-from mpcapi.settings import Settings
-from mpcapi.sse import DONE, SSEEvent, SSEParser
-from mpcapi.streaming import has_text, is_usage_only
-from mpcapi.upstream import LiteLLMClient, UpstreamBody, check_upstream_status, error_message
-from mpcapi.usage import Usage, usage_of_chunk
-from mpcapi.validation import RequestValidator, parse_json_object
+from mpcapi.http.requestlog import STREAM_FORMAT
+from mpcapi.http.streaming import has_text, is_usage_only
+from mpcapi.ledger.ledger import asks_for_usage
+from mpcapi.openai.sse import DONE, SSEEvent, SSEParser
+from mpcapi.openai.usage import Usage, usage_of_chunk
+from mpcapi.openai.validation import RequestValidator, parse_json_object
+from mpcapi.policy.cache import ResponseCache, answer_of_chunks, cache_key, replay_of
+from mpcapi.upstream.client import LiteLLMClient, UpstreamBody, check_upstream_status, error_message
 
 if TYPE_CHECKING:
-    from mpcapi.keys import ClientKey, KeyAuthenticator
-    from mpcapi.limits import RateLimiter
+    from mpcapi.policy.keys import ClientKey, KeyAuthenticator
+    from mpcapi.policy.limits import RateLimiter
 
 log = Logger(namespace="mpcapi.request")
 socket_log = Logger(namespace="mpcapi.websocket")

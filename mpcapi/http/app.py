@@ -23,8 +23,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
 from mpcapi import __version__
-from mpcapi.cache import ResponseCache
-from mpcapi.dashboard import SECURITY_HEADERS, load_assets
+from mpcapi.config.settings import Settings
 from mpcapi.errors import (
     JSON_CONTENT_TYPE,
     ApiError,
@@ -35,28 +34,29 @@ from mpcapi.errors import (
     set_status,
     with_length,
 )
-from mpcapi.headers import CorsPolicy, ResponseHeaders
-from mpcapi.keys import KeyAuthenticator, require_admin
-from mpcapi.ledger import (
+from mpcapi.http.headers import CorsPolicy, ResponseHeaders
+from mpcapi.http.requestlog import RequestLogging, record_of
+from mpcapi.http.streaming import SSE_HEADERS, SSERelay
+from mpcapi.ledger.ledger import (
     UsageLedger,
     asks_for_usage,
     request_arguments,
     with_usage_requested,
 )
-from mpcapi.limits import RateLimiter
-from mpcapi.metrics import Metrics, require_metrics_access
-from mpcapi.openapi import document_bytes
-from mpcapi.redisclient import RedisClient
-from mpcapi.requestlog import RequestLogging, record_of
-from mpcapi.settings import Settings
-from mpcapi.streaming import SSE_HEADERS, SSERelay
+from mpcapi.metrics.dashboard import SECURITY_HEADERS, load_assets
+from mpcapi.metrics.metrics import Metrics, require_metrics_access
+from mpcapi.openai.openapi import document_bytes
+from mpcapi.openai.usage import usage_of_answer
+from mpcapi.openai.validation import RequestValidator
+from mpcapi.policy.cache import ResponseCache
+from mpcapi.policy.keys import KeyAuthenticator, require_admin
+from mpcapi.policy.limits import RateLimiter
+from mpcapi.storage.redis import RedisClient
 from mpcapi.timestamps import iso_millis
-from mpcapi.upstream import LiteLLMClient, check_upstream_status, relayed_headers
-from mpcapi.usage import usage_of_answer
-from mpcapi.validation import RequestValidator
+from mpcapi.upstream.client import LiteLLMClient, check_upstream_status, relayed_headers
 
 if TYPE_CHECKING:
-    from mpcapi.websocket import WebSocketEndpoint
+    from mpcapi.websocket.endpoint import WebSocketEndpoint
 
 log = Logger(namespace="mpcapi.app")
 
@@ -109,7 +109,7 @@ class Gateway:
     def websockets(self) -> WebSocketEndpoint:
         """The WebSocket endpoint, made on first use: autobahn, which it needs, would cost
         every worker some 6 MiB that deployments without WebSocket clients never use."""
-        from mpcapi.websocket import WebSocketEndpoint
+        from mpcapi.websocket.endpoint import WebSocketEndpoint
 
         endpoint = WebSocketEndpoint(self.settings, self.upstream, self.clock, self.validator)
         endpoint.keys = self.keys

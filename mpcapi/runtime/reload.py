@@ -19,11 +19,11 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from mpcapi.app import Gateway
-from mpcapi.balancer import HealthProbe
-from mpcapi.logs import LogSwitch
-from mpcapi.openapi import document_bytes
-from mpcapi.settings import SETTINGS, ConfigError, Settings
+from mpcapi.config.settings import SETTINGS, ConfigError, Settings
+from mpcapi.http.app import Gateway
+from mpcapi.openai.openapi import document_bytes
+from mpcapi.runtime.logs import LogSwitch
+from mpcapi.upstream.balancer import HealthProbe
 
 log = Logger(namespace="mpcapi.reload")
 

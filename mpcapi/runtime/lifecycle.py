@@ -14,7 +14,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 
-from mpcapi.site import ConnectionCap
+from mpcapi.http.site import ConnectionCap
 
 log = Logger(namespace="mpcapi.lifecycle")
 

@@ -29,7 +29,7 @@ _MAX_DETAILS = 10
 
 
 def load_schema(name: str) -> dict[str, Any]:
-    text = resources.files("mpcapi.schemas").joinpath(f"{name}.json").read_text("utf-8")
+    text = resources.files("mpcapi.openai.schemas").joinpath(f"{name}.json").read_text("utf-8")
     schema: dict[str, Any] = json.loads(text)
     return schema
 

@@ -30,8 +30,8 @@ from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mpcapi.database import DatabaseError
-from mpcapi.usagerows import URL_ENV
+from mpcapi.storage.database import DatabaseError
+from mpcapi.storage.usagerows import URL_ENV
 
 log = Logger(namespace="mpcapi.rowwriter")
 
@@ -91,7 +91,7 @@ class RowWriter(protocol.ProcessProtocol):
         env = {**os.environ, URL_ENV: self._database_url}
         self._buffer = b""
         self._ended = defer.Deferred()
-        argv = [self._python, "-m", "mpcapi.usagerows"]
+        argv = [self._python, "-m", "mpcapi.storage.usagerows"]
         self._process = self._reactor.spawnProcess(self, self._python, argv, env=env)
 
     def outReceived(self, data: bytes) -> None:

@@ -35,12 +35,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
-from mpcapi.cacheindex import BYTES_PER_KEY, KeyIndex, announcement, channel_of
+from mpcapi.config.settings import Settings
 from mpcapi.errors import JSON_CONTENT_TYPE, set_status, with_length
-from mpcapi.redisclient import RedisClient, RedisUnavailableError
-from mpcapi.requestlog import record_of
-from mpcapi.settings import Settings
-from mpcapi.streaming import SSE_HEADERS
+from mpcapi.http.requestlog import record_of
+from mpcapi.http.streaming import SSE_HEADERS
+from mpcapi.policy.cacheindex import BYTES_PER_KEY, KeyIndex, announcement, channel_of
+from mpcapi.storage.redis import RedisClient, RedisUnavailableError
 
 log = Logger(namespace="mpcapi.cache")
 

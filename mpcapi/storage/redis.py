@@ -30,7 +30,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger, LogPublisher
 
-from mpcapi.settings import Settings
+from mpcapi.config.settings import Settings
 
 log = Logger(namespace="mpcapi.redis")
 

@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from mpcapi.redisclient import RedisClient, RedisUnavailableError
+from mpcapi.storage.redis import RedisClient, RedisUnavailableError
 
 log = Logger(namespace="mpcapi.cache")
 

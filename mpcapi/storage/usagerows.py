@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
 
-from mpcapi.database import SyncDatabase, unavailable
+from mpcapi.storage.database import SyncDatabase, unavailable
 
 if TYPE_CHECKING:
-    from mpcapi.database import Cursor
+    from mpcapi.storage.database import Cursor
 
 URL_ENV = "MPCAPI_ROWWRITER_DATABASE_URL"  # where the process finds its database
 
@@ -188,7 +188,7 @@ def serve(database_url: str, lines: BinaryIO, answers: BinaryIO) -> None:
 def main() -> None:
     url = os.environ.get(URL_ENV)
     if not url:
-        sys.stderr.write(f"mpcapi.usagerows: {URL_ENV} is not set\n")
+        sys.stderr.write(f"mpcapi.storage.usagerows: {URL_ENV} is not set\n")
         raise SystemExit(2)
     # A terminal's Ctrl-C reaches the whole process group: the daemon stops, then closes
     # our stdin once its last rows are here.

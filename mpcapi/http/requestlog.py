@@ -23,11 +23,11 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 
 from mpcapi.errors import bad_request, render_error
-from mpcapi.streaming import SSERelay
-from mpcapi.usage import Usage
+from mpcapi.http.streaming import SSERelay
+from mpcapi.openai.usage import Usage
 
 if TYPE_CHECKING:
-    from mpcapi.keys import ClientKey
+    from mpcapi.policy.keys import ClientKey
 
 log = Logger(namespace="mpcapi.request")
 

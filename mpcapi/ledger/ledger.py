@@ -41,14 +41,14 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from mpcapi.database import Cursor, Database
 from mpcapi.errors import ApiError, bad_request
-from mpcapi.rowwriter import RowWriter
+from mpcapi.ledger.rowwriter import RowWriter
+from mpcapi.storage.database import Cursor, Database
+from mpcapi.storage.usagerows import insert_rows
 from mpcapi.timestamps import iso_millis
-from mpcapi.usagerows import insert_rows
 
 if TYPE_CHECKING:
-    from mpcapi.keys import ClientKey
+    from mpcapi.policy.keys import ClientKey
 
 log = Logger(namespace="mpcapi.ledger")
 

@@ -27,8 +27,8 @@ from mpcapi.errors import (
     payload_too_large,
     request_timeout,
 )
-from mpcapi.headers import SECURITY_HEADERS
-from mpcapi.requestlog import REQUEST_FORMAT, request_id_for
+from mpcapi.http.headers import SECURITY_HEADERS
+from mpcapi.http.requestlog import REQUEST_FORMAT, request_id_for
 
 log = Logger(namespace="mpcapi.request")
 

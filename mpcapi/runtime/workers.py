@@ -28,8 +28,13 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mpcapi.metrics import MULTIPROC_ENV, forget_process, fresh_multiproc_dir, remove_multiproc_dir
-from mpcapi.settings import LISTEN_BACKLOG
+from mpcapi.config.settings import LISTEN_BACKLOG
+from mpcapi.metrics.metrics import (
+    MULTIPROC_ENV,
+    forget_process,
+    fresh_multiproc_dir,
+    remove_multiproc_dir,
+)
 
 log = Logger(namespace="mpcapi.workers")
 

@@ -20,7 +20,7 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from mpcapi.settings import without_password
+from mpcapi.config.settings import without_password
 
 log = Logger(namespace="mpcapi.balancer")
 

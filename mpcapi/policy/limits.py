@@ -25,13 +25,13 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
+from mpcapi.config.settings import Settings
 from mpcapi.errors import ApiError
-from mpcapi.redisclient import RedisClient, RedisUnavailableError
-from mpcapi.requestlog import RequestRecord, record_of
-from mpcapi.settings import Settings
+from mpcapi.http.requestlog import RequestRecord, record_of
+from mpcapi.storage.redis import RedisClient, RedisUnavailableError
 
 if TYPE_CHECKING:
-    from mpcapi.keys import ClientKey
+    from mpcapi.policy.keys import ClientKey
 
 log = Logger(namespace="mpcapi.limits")
 

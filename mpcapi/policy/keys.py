@@ -31,9 +31,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
-from mpcapi.database import Cursor, Database, utc_now
+from mpcapi.config.settings import Settings
 from mpcapi.errors import ApiError
-from mpcapi.settings import Settings
+from mpcapi.storage.database import Cursor, Database, utc_now
 
 log = Logger(namespace="mpcapi.keys")
 

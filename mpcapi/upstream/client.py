@@ -46,9 +46,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from mpcapi.balancer import Balancer, Upstream, split_urls
+from mpcapi.config.settings import Settings, without_password
 from mpcapi.errors import ApiError, bad_gateway, gateway_timeout
-from mpcapi.settings import Settings, without_password
+from mpcapi.upstream.balancer import Balancer, Upstream, split_urls
 
 # Headers of LiteLLM's answers that reach the client: what SDKs need to parse and back off.
 RELAYED_HEADERS = (b"content-type", b"retry-after")

@@ -18,9 +18,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from mpcapi import __version__
-from mpcapi.dashboard import load_assets
-from mpcapi.settings import Settings
-from mpcapi.validation import load_schema
+from mpcapi.config.settings import Settings
+from mpcapi.metrics.dashboard import load_assets
+from mpcapi.openai.validation import load_schema
 
 OPENAPI_VERSION = "3.1.0"
 

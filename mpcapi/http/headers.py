@@ -14,7 +14,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 
 from mpcapi.errors import ApiError, render_error
-from mpcapi.requestlog import record_of
+from mpcapi.http.requestlog import record_of
 
 SECURITY_HEADERS = {
     b"x-content-type-options": b"nosniff",

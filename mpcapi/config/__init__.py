@@ -1,0 +1,1 @@
+"""Configuration: every setting, its sources and its checks."""

@@ -1,0 +1,1 @@
+"""The usage ledger: a row per request, prices and costs, spend reports."""

@@ -1,0 +1,1 @@
+"""The OpenAI wire format: request schemas and validation, SSE framing, usage, OpenAPI."""

@@ -1,0 +1,1 @@
+"""The running daemon: the composition root, workers, reload, drain and log observers."""

@@ -1,0 +1,1 @@
+"""Databases and Redis: connections, migrations and every SQL statement."""

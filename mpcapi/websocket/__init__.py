@@ -1,0 +1,1 @@
+"""The WebSocket endpoint: several streamed requests on one socket."""
