@@ -82,6 +82,14 @@ def internal_error() -> ApiError:
     return ApiError(500, "Internal Server Error", "an unexpected error occurred; see the logs")
 
 
+def phrase(status: int) -> str:
+    """The standard reason phrase of ``status`` ("Error" for a status without one)."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
 def set_status(request: IRequest, status: int) -> None:
     """Set the status with its standard reason phrase (Twisted lacks some, such as 429's)."""
     try:

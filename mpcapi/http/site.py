@@ -232,10 +232,15 @@ class _Overloaded(Protocol):
 
 
 class ConnectionCap(WrappingFactory):
-    """Caps the open connections of a site; ``protocols`` holds the open ones."""
+    """Caps the open connections of a site; ``protocols`` holds the open ones: the
+    ``open_connections`` given, which others read too (the drain, the ledger's last flush)."""
 
-    def __init__(self, site: GatewaySite, limit: int) -> None:
+    def __init__(
+        self, site: GatewaySite, limit: int, open_connections: dict[Any, int] | None = None
+    ) -> None:
         super().__init__(site)
+        if open_connections is not None:
+            self.protocols = open_connections
         self.limit = limit
 
     def buildProtocol(self, addr: Any) -> Any:

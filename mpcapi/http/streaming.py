@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from enum import Enum
-from typing import Any
 
 import orjson
 from twisted.internet import error
@@ -22,8 +21,10 @@ from twisted.web.client import ResponseDone
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from mpcapi.exchange import Exchange
+from mpcapi.openai.chunks import has_text, is_usage_only
 from mpcapi.openai.sse import DONE, SSEEvent, SSEParser
-from mpcapi.openai.usage import Usage, usage_of_chunk
+from mpcapi.openai.usage import usage_of_chunk
 from mpcapi.upstream.client import UpstreamBody
 
 SSE_HEADERS = {
@@ -48,35 +49,6 @@ def error_event(message: str, kind: str) -> bytes:
     return b"data: " + json.dumps(document).encode("utf-8") + b"\n\n"
 
 
-def has_text(choice: Any) -> bool:
-    """Whether a stream chunk's choice carries text (a delta's content, or a completion's)."""
-    if not isinstance(choice, dict):
-        return False
-    delta = choice.get("delta")
-    if isinstance(delta, dict) and delta.get("content"):
-        return True
-    return bool(choice.get("text"))
-
-
-def is_usage_only(chunk: dict[str, Any]) -> bool:
-    """Whether a stream chunk carries usage and nothing else: no choices, or (as LiteLLM
-    sends it) choices with an empty delta, no text and no finish reason."""
-    if not isinstance(chunk.get("usage"), dict):
-        return False
-    choices = chunk.get("choices")
-    if choices is None:
-        return True
-    if not isinstance(choices, list):
-        return False
-    for choice in choices:
-        if not isinstance(choice, dict):
-            return False
-        for name, value in choice.items():
-            if name != "index" and value not in (None, "", {}, []):
-                return False
-    return True
-
-
 @implementer(IPushProducer)
 class SSERelay(UpstreamBody):
     """Receives LiteLLM's body and writes it through to the client's request.
@@ -85,21 +57,23 @@ class SSERelay(UpstreamBody):
     """
 
     def __init__(
-        self, request: Request, clock: IReactorTime, idle_timeout: float, hide_usage: bool = False
+        self,
+        request: Request,
+        exchange: Exchange,
+        clock: IReactorTime,
+        idle_timeout: float,
+        hide_usage: bool = False,
     ) -> None:
         super().__init__(clock, idle_timeout)
         self._request = request
+        # The stream's facts (events, first byte, text chunks, usage, end) go on the exchange.
+        self._exchange = exchange
+        exchange.streamed = True
         # True when we asked LiteLLM for usage and the client did not: the usage-only chunk is
         # counted, not relayed, so events are written whole, one at a time, as they complete.
         self._hide_usage = hide_usage
-        self.content_deltas = 0  # chunks that carried text (the count of an abandoned stream)
         self._parser = SSEParser()
         self.outcome: StreamEnd | None = None
-        self.started = clock.seconds()
-        self.first_byte_at: float | None = None
-        self.events = 0
-        self.saw_done = False
-        self.usage: Usage | None = None
         self.ended: Deferred[StreamEnd] = Deferred()
 
     # Upstream side (IProtocol)
@@ -112,8 +86,9 @@ class SSERelay(UpstreamBody):
     def dataReceived(self, data: bytes) -> None:
         if self.outcome is not None:
             return
-        if self.first_byte_at is None:
-            self.first_byte_at = self._clock.seconds()
+        exchange = self._exchange
+        if exchange.first_byte_at is None:
+            exchange.first_byte_at = self._clock.seconds()
         if self._hide_usage:
             for raw, event in self._parser.feed_frames(data):
                 if event is None or not self._observe(event):
@@ -127,7 +102,7 @@ class SSERelay(UpstreamBody):
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
         if self.outcome is not None:
             return
-        if reason.check(ResponseDone) and self.saw_done:
+        if reason.check(ResponseDone) and self._exchange.saw_done:
             self._end(StreamEnd.COMPLETED)
         else:
             why = "without [DONE]" if reason.check(ResponseDone) else f": {reason.value}"
@@ -156,26 +131,27 @@ class SSERelay(UpstreamBody):
     def _observe(self, event: SSEEvent) -> bool:
         """Count the event; note the end marker, the usage chunk and the text chunks. True
         when the event is the usage-only chunk we asked for and the client did not."""
-        self.events += 1
+        exchange = self._exchange
         if event.data == DONE:
-            self.saw_done = True
+            exchange.events += 1
+            exchange.saw_done = True
             return False
         try:
             chunk = orjson.loads(event.data)
         except ValueError:
-            return False
+            chunk = None
         if not isinstance(chunk, dict):
+            exchange.events += 1
             return False
         choices = chunk.get("choices")
         if isinstance(choices, list) and any(has_text(choice) for choice in choices):
-            self.content_deltas += 1
+            exchange.content_deltas += 1
         usage = usage_of_chunk(chunk)
-        if usage is None:
-            return False
-        self.usage = usage
-        if self._hide_usage and is_usage_only(chunk):
-            self.events -= 1  # the client never sees it
-            return True
+        if usage is not None:
+            exchange.usage = usage
+            if self._hide_usage and is_usage_only(chunk):
+                return True  # the client never sees it: not one of its events
+        exchange.events += 1
         return False
 
     def _timed_out(self) -> None:
@@ -190,12 +166,15 @@ class SSERelay(UpstreamBody):
     def _abandon(self) -> None:
         if self.outcome is None:
             # A client that closes once it has [DONE] (the OpenAI SDK does) got everything.
-            self.outcome = StreamEnd.COMPLETED if self.saw_done else StreamEnd.CLIENT_ABORT
+            done = self._exchange.saw_done
+            self.outcome = StreamEnd.COMPLETED if done else StreamEnd.CLIENT_ABORT
+            self._exchange.stream_end = self.outcome.value
             self._stop_timer()
             self._close_upstream()
 
     def _end(self, outcome: StreamEnd, last_event: bytes = b"") -> None:
         self.outcome = outcome
+        self._exchange.stream_end = outcome.value
         self._stop_timer()
         self._request.unregisterProducer()
         if self._hide_usage and self._parser.rest():

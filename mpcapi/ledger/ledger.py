@@ -1,7 +1,7 @@
 """The usage ledger: one database row per finished request, its cost, and key budgets.
 
-- ``UsageLedger.observe`` is a request observer (see ``requestlog.RequestLogging``): it turns
-  a finished request's fields into a row and puts it on a bounded in-memory queue. Nothing
+- ``UsageLedger.observe`` is an exchange observer (see ``mpcapi.exchange``): it turns a
+  finished call into a row and puts it on a bounded in-memory queue. Nothing
   else happens on the request's path.
 - A flusher (every ``FLUSH_EVERY`` seconds, or at once when ``BATCH`` rows wait) inserts the
   queued rows through the writer process (``mpcapi.rowwriter``; without one, through
@@ -48,6 +48,7 @@ from mpcapi.storage.usagerows import insert_rows
 from mpcapi.timestamps import iso_millis
 
 if TYPE_CHECKING:
+    from mpcapi.exchange import Exchange
     from mpcapi.policy.keys import ClientKey
 
 log = Logger(namespace="mpcapi.ledger")
@@ -124,26 +125,26 @@ class PriceTable:
         return None
 
 
-def cost_of(fields: Mapping[str, Any], prices: PriceTable) -> tuple[float, str, int, int]:
+def cost_of(exchange: Exchange, prices: PriceTable) -> tuple[float, str, int, int]:
     """A finished request's cost in USD, how it was obtained, and its prompt and completion
     tokens. Sources: ``litellm``, ``price_table``, ``unknown_model`` (cost 0), ``cache`` (a
     cache hit costs nothing), ``none`` (no usage: errors, refusals, models lists), and for a
     stream that ended before its usage chunk ``deltas_price_table`` /
     ``deltas_unknown_model`` (completion tokens = text chunks received)."""
-    prompt = int(fields.get("prompt_tokens") or 0)
-    completion = int(fields.get("completion_tokens") or 0)
-    if fields.get("cache") == "hit":
+    usage = exchange.usage
+    prompt = usage.prompt_tokens if usage is not None else 0
+    completion = usage.completion_tokens if usage is not None else 0
+    if exchange.cache == "hit":
         return 0.0, "cache", prompt, completion
-    has_usage = "prompt_tokens" in fields
-    if has_usage and fields.get("cost_usd") is not None:
-        return float(fields["cost_usd"]), "litellm", prompt, completion
+    if usage is not None and usage.cost_usd is not None:
+        return usage.cost_usd, "litellm", prompt, completion
     prefix = ""
-    if not has_usage:
-        deltas = int(fields.get("content_deltas") or 0)
+    if usage is None:
+        deltas = exchange.content_deltas
         if not deltas:
             return 0.0, "none", 0, 0
         prefix, completion = "deltas_", deltas
-    price = prices.lookup(fields.get("model"))
+    price = prices.lookup(exchange.model)
     if price is None:
         return 0.0, prefix + "unknown_model", prompt, completion
     return price.cost(prompt, completion), prefix + "price_table", prompt, completion
@@ -325,31 +326,6 @@ def summary_query(arguments: Mapping[str, str | None]) -> tuple[str, str | None,
     return group_by, since, until
 
 
-def request_arguments(request: Any) -> dict[str, str | None]:
-    """The query parameters of ``GET /api/usage`` (the last of each); 400 on bad bytes."""
-    arguments: dict[str, str | None] = {}
-    for name, values in (request.args or {}).items():
-        try:
-            arguments[name.decode("utf-8")] = values[-1].decode("utf-8") if values else None
-        except UnicodeDecodeError:
-            raise bad_request("query parameters must be UTF-8") from None
-    return arguments
-
-
-def asks_for_usage(document: Mapping[str, Any]) -> bool:
-    """Whether a stream request asks for the usage chunk itself."""
-    options = document.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True
-
-
-def with_usage_requested(document: Mapping[str, Any]) -> bytes:
-    """The request body re-serialised with ``stream_options.include_usage`` set."""
-    options = document.get("stream_options")
-    options = dict(options) if isinstance(options, dict) else {}
-    options["include_usage"] = True
-    return json.dumps({**document, "stream_options": options}).encode("utf-8")
-
-
 # --- the spool file -----------------------------------------------------------------------------
 
 
@@ -420,6 +396,8 @@ class UsageLedger(Service):
         idle: Callable[[], bool] | None = None,
         stop_wait: float = 30.0,
         writer: RowWriter | None = None,
+        report_queue: Callable[[int], None] = lambda rows: None,
+        report_refused: Callable[[int], None] = lambda rows: None,
     ) -> None:
         self.database = database
         # Inserts go to the writer process when there is one, else to the database's thread.
@@ -431,13 +409,13 @@ class UsageLedger(Service):
         self.log_bodies = log_bodies
         self.max_queue = max_queue
         self.batch = batch
-        self.idle = idle
+        self._idle = idle  # whether no request is in flight (the last flush waits for it)
         self._stop_wait = stop_wait
         self.queue: list[dict[str, Any]] = []
         # Told the rows waiting every FLUSH_EVERY s (the mpcapi_usage_queue_rows gauge).
-        self.report_queue: Callable[[int], None] = lambda rows: None
+        self._report_queue = report_queue
         # Told each time rows are refused, how many (the mpcapi_usage_rows_refused counter).
-        self.report_refused: Callable[[int], None] = lambda rows: None
+        self._report_refused = report_refused
         self.database_up = True
         self.dropped = 0  # rows lost because neither the database nor the spool file took them
         self.refused_path = refused_path_of(spool_path)
@@ -471,13 +449,13 @@ class UsageLedger(Service):
                 response if response is not None else previous[1],
             )
 
-    def observe(self, fields: Mapping[str, Any]) -> None:
-        """Request observer: queue the finished request's row (or spool it if the queue is
+    def observe(self, exchange: Exchange) -> None:
+        """Exchange observer: queue the finished call's row (or spool it if the queue is
         full). Only the OpenAI routes are usage: health probes, metrics scrapes and the
         dashboard's polls would only bury it."""
-        if fields.get("route") is None:
+        if exchange.route is None:
             return
-        row = self.row_of(fields)
+        row = self.row_of(exchange)
         key_id = row["key_id"]
         if key_id and row["cost_usd"]:
             self._unstored[row["request_id"]] = (key_id, row["cost_usd"])
@@ -489,31 +467,30 @@ class UsageLedger(Service):
         if len(self.queue) >= self.batch and not self._flushing:
             self.flush()
 
-    def row_of(self, fields: Mapping[str, Any]) -> dict[str, Any]:
-        cost, source, prompt, completion = cost_of(fields, self.prices)
-        request_id = str(fields.get("request_id"))
+    def row_of(self, exchange: Exchange) -> dict[str, Any]:
+        cost, source, prompt, completion = cost_of(exchange, self.prices)
+        request_id = exchange.request_id
         request_body, response_body = self._bodies.pop(request_id, (None, None))
-        duration = fields.get("duration_ms") or 0.0
         return {
             "request_id": request_id,
-            "created_at": iso_millis(self.clock.seconds() - duration / 1000),
-            "key_id": fields.get("key_id"),
-            "user": fields.get("user"),
-            "client": fields.get("client"),
-            "method": fields.get("method"),
-            "route": fields.get("route") or fields.get("path"),
-            "model": fields.get("model"),
-            "status": fields.get("status"),
-            "upstream_status": fields.get("upstream_status"),
-            "latency_ms": duration,
-            "upstream_ms": fields.get("upstream_ms"),
-            "ttfb_ms": fields.get("ttfb_ms"),
+            "created_at": iso_millis(exchange.started),
+            "key_id": exchange.key_id,
+            "user": exchange.user,
+            "client": exchange.client,
+            "method": exchange.method,
+            "route": exchange.route or exchange.path,
+            "model": exchange.model,
+            "status": exchange.status,
+            "upstream_status": exchange.upstream_status,
+            "latency_ms": exchange.duration_ms,
+            "upstream_ms": exchange.upstream_ms,
+            "ttfb_ms": exchange.ttfb_ms,
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "cost_usd": cost,
             "cost_source": source,
-            "cache": fields.get("cache"),
-            "outcome": fields.get("outcome"),
+            "cache": exchange.cache,
+            "outcome": exchange.outcome,
             "request_body": stored_body(request_body) if self.log_bodies else None,
             "response_body": stored_body(response_body) if self.log_bodies else None,
         }
@@ -643,7 +620,7 @@ class UsageLedger(Service):
     def _set_aside(self, refused: list[tuple[dict[str, Any], str]]) -> None:
         """Keep rows the database refused in the refused file, with why (never retried)."""
         self.refused += len(refused)
-        self.report_refused(len(refused))
+        self._report_refused(len(refused))
         for row, reason in refused:
             log.error(
                 "usage row {request_id} refused by the database ({reason}); kept in {path}",
@@ -769,7 +746,7 @@ class UsageLedger(Service):
         )
 
     def _tick(self) -> None:
-        self.report_queue(len(self.queue) + len(self._to_spool))
+        self._report_queue(len(self.queue) + len(self._to_spool))
         if self.queue or self.spooled:
             self.flush()
 
@@ -779,7 +756,7 @@ class UsageLedger(Service):
 
     async def _close(self) -> None:
         deadline = self.clock.seconds() + self._stop_wait
-        while self.idle is not None and not self.idle() and self.clock.seconds() < deadline:
+        while self._idle is not None and not self._idle() and self.clock.seconds() < deadline:
             await task.deferLater(self.clock, 0.1, lambda: None)
         if self._loop is not None and self._loop.running:
             self._loop.stop()
@@ -801,6 +778,9 @@ def open_ledger(
     database: Database | None = None,
     worker: str | None = None,
     idle: Callable[[], bool] | None = None,
+    report_queue: Callable[[int], None] = lambda rows: None,
+    report_refused: Callable[[int], None] = lambda rows: None,
+    clock: IReactorTime | None = None,
 ) -> UsageLedger:
     """The daemon's ledger: its database (shared with client keys when given), the price
     table, a spool file per worker, inserts in a writer process (see mpcapi.rowwriter) and
@@ -813,7 +793,7 @@ def open_ledger(
     spool = settings.usage_spool + (f".{worker}" if worker else "")
     return UsageLedger(
         database or Database(settings.database_url, reactor),
-        reactor,
+        clock or reactor,
         PriceTable.load(settings.prices),
         spool,
         in_thread,
@@ -821,4 +801,6 @@ def open_ledger(
         idle=idle,
         stop_wait=settings.drain_seconds + 1,
         writer=RowWriter(reactor, settings.database_url),
+        report_queue=report_queue,
+        report_refused=report_refused,
     )

@@ -1,7 +1,7 @@
 """Metrics: the Prometheus families at ``/metrics`` and the numbers of the dashboard.
 
-``Metrics.observe`` is a request observer (see ``requestlog``): it turns the fields of every
-finished request into counter and histogram updates. ``Metrics.track_inflight`` wraps the
+``Metrics.observe`` is an exchange observer (see ``mpcapi.exchange``): it turns every
+finished call into counter and histogram updates. ``Metrics.track_inflight`` wraps the
 served resource to count the requests in flight.
 
 One process (the default): the families live in this process's own registry. With
@@ -48,6 +48,8 @@ from twisted.web.server import NOT_DONE_YET
 
 from mpcapi.config.settings import Settings
 from mpcapi.errors import ApiError
+from mpcapi.exchange import Exchange
+from mpcapi.openai.routes import ROUTES
 from mpcapi.policy.keys import require_admin
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -56,7 +58,7 @@ PRINCIPAL_LIMIT = 500  # distinct users and keys the dashboard tells apart (per 
 OTHER = "other"
 ANONYMOUS = "anonymous"
 
-OPENAI_ROUTES = ("/chat/completions", "/completions", "/embeddings", "/models", "/ws")
+OPENAI_ROUTES = (*(route.path for route in ROUTES), "/ws")
 # Routes that are not API traffic: the dashboard's rates and errors leave them out.
 SERVICE_ROUTES = (
     "/health",
@@ -118,13 +120,12 @@ def require_metrics_access(request: Any, settings: Settings) -> None:
 # --- labels ---------------------------------------------------------------------------------
 
 
-def route_of(fields: dict[str, Any]) -> str:
+def route_of(exchange: Exchange) -> str:
     """The operation of a request: the route the app named, else one derived from a known
     path, else ``other`` (never the raw path: that would be unbounded)."""
-    route = fields.get("route")
-    if isinstance(route, str) and route:
-        return route
-    path = fields.get("path") or ""
+    if exchange.route:
+        return exchange.route
+    path = exchange.path
     for prefix in ("/api", "/v1"):
         if path.startswith(prefix + "/") and path[len(prefix) :] in OPENAI_ROUTES:
             return path[len(prefix) :]
@@ -139,15 +140,15 @@ def is_api_traffic(route: str) -> bool:
     return route not in SERVICE_ROUTES
 
 
-def failure_kind(fields: dict[str, Any]) -> str | None:
+def failure_kind(exchange: Exchange) -> str | None:
     """Why LiteLLM failed this request, if it did (a stream that broke off counts too)."""
-    failure = fields.get("upstream_failure")
+    failure = exchange.upstream_failure
     if failure is not None:
         return failure if failure in UPSTREAM_FAILURES else OTHER
-    if "events" in fields:  # a relayed stream
-        if fields.get("outcome") == "timeout":
+    if exchange.streamed:
+        if exchange.outcome == "timeout":
             return "timeout"
-        if fields.get("outcome") == "upstream_error":
+        if exchange.outcome == "upstream_error":
             return "broken"
     return None
 
@@ -439,49 +440,52 @@ class Metrics:
         """``resource``, counting the requests it is serving in ``mpcapi_inflight_requests``."""
         return _InFlight(resource, self.inflight)
 
-    def observe(self, fields: dict[str, Any]) -> None:
-        """The request observer: one finished request's fields into every family."""
-        route = route_of(fields)
-        method = fields.get("method") or ""
-        method = method if method in METHODS else OTHER
-        status = int(fields.get("status") or 0)
-        model = self._model_label(fields)
+    def observe(self, exchange: Exchange) -> None:
+        """The exchange observer: one finished call into every family."""
+        route = route_of(exchange)
+        method = exchange.method if exchange.method in METHODS else OTHER
+        status = exchange.status
+        model = self._model_label(exchange)
         self._child(self.requests, route, method, str(status), model).inc()
-        self._child(self.request_duration, route).observe(fields.get("duration_ms", 0) / 1000)
-        if fields.get("upstream_ms") is not None:
-            self._child(self.upstream_duration, route).observe(fields["upstream_ms"] / 1000)
-        if fields.get("ttfb_ms") is not None:
-            self._child(self.time_to_first_byte, route).observe(fields["ttfb_ms"] / 1000)
-        prompt = int(fields.get("prompt_tokens") or 0)
-        completion = int(fields.get("completion_tokens") or 0)
-        cost = float(fields.get("cost_usd") or 0.0)
-        if "prompt_tokens" in fields:
+        self._child(self.request_duration, route).observe(exchange.duration_ms / 1000)
+        upstream_ms = exchange.upstream_ms
+        if upstream_ms is not None:
+            self._child(self.upstream_duration, route).observe(upstream_ms / 1000)
+        ttfb_ms = exchange.ttfb_ms
+        if ttfb_ms is not None:
+            self._child(self.time_to_first_byte, route).observe(ttfb_ms / 1000)
+        usage = exchange.usage
+        prompt = usage.prompt_tokens if usage is not None else 0
+        completion = usage.completion_tokens if usage is not None else 0
+        cost = usage.cost_usd if usage is not None and usage.cost_usd is not None else None
+        if usage is not None:
             self._child(self.tokens, model, "prompt").inc(prompt)
             self._child(self.tokens, model, "completion").inc(completion)
-        if fields.get("cost_usd") is not None:
+        if cost is not None:
             self._child(self.cost, model).inc(cost)
-        cache = fields.get("cache")
+        cache = exchange.cache
         if cache:
             self._child(self.cache, cache if cache in CACHE_RESULTS else OTHER).inc()
-        if fields.get("rate_limited"):
+        if exchange.rate_limited:
             self.ratelimited.inc()
-        kind = failure_kind(fields)
+        kind = failure_kind(exchange)
         if kind is not None:
             self._child(self.upstream_errors, kind).inc()
         if not is_api_traffic(route):
             return
-        user = self._users(_short(fields.get("user") or ANONYMOUS))
+        user = self._users(_short(exchange.user or ANONYMOUS))
+        cost = cost or 0.0
         self._child(self._user_requests, user).inc()
         self._child(self._user_tokens, user, "prompt").inc(prompt)
         self._child(self._user_tokens, user, "completion").inc(completion)
         self._child(self._user_cost, user).inc(cost)
-        if fields.get("key_id"):
-            key = self._keys(_short(fields["key_id"]))
+        if exchange.key_id:
+            key = self._keys(_short(exchange.key_id))
             self._child(self._key_requests, key, user if key != OTHER else OTHER).inc()
             self._child(self._key_tokens, key).inc(prompt + completion)
             self._child(self._key_cost, key).inc(cost)
         if status >= 400 or kind is not None:
-            self.errors.append(self._error_record(fields, route, status, kind))
+            self.errors.append(self._error_record(exchange, route, status, kind))
 
     def _child(self, family: Any, *values: str) -> Any:
         """``family.labels(*values)``, remembered: prometheus_client's own lookup takes a lock
@@ -492,30 +496,30 @@ class Metrics:
             child = self._children[key] = family.labels(*values)
         return child
 
-    def _model_label(self, fields: dict[str, Any]) -> str:
-        model = fields.get("model")
+    def _model_label(self, exchange: Exchange) -> str:
+        model = exchange.model
         if not model:
             return ""
         # A model becomes a label value once LiteLLM served it: made-up names stay "other".
-        served = fields.get("upstream_status") == 200 or fields.get("cache") == "hit"
+        served = exchange.upstream_status == 200 or exchange.cache == "hit"
         return self._models(_short(model), admit=served)
 
     def _error_record(
-        self, fields: dict[str, Any], route: str, status: int, kind: str | None
+        self, exchange: Exchange, route: str, status: int, kind: str | None
     ) -> dict[str, Any]:
         return {
             "time": round(self._clock.seconds(), 3),
-            "method": _short(fields.get("method") or "", 10),
-            "path": _short(fields.get("path") or "", 200),
+            "method": _short(exchange.method, 10),
+            "path": _short(exchange.path, 200),
             "route": route,
             "status": status,
-            "model": _short(fields["model"], 100) if fields.get("model") else None,
-            "request_id": _short(fields.get("request_id") or "", 128),
-            "user": _short(fields["user"], 100) if fields.get("user") else None,
-            "key_id": _short(fields["key_id"], 100) if fields.get("key_id") else None,
+            "model": _short(exchange.model, 100) if exchange.model else None,
+            "request_id": _short(exchange.request_id, 128),
+            "user": _short(exchange.user, 100) if exchange.user else None,
+            "key_id": _short(exchange.key_id, 100) if exchange.key_id else None,
             "upstream_failure": kind,
-            "outcome": _short(fields.get("outcome") or "", 20),
-            "duration_ms": fields.get("duration_ms"),
+            "outcome": _short(exchange.outcome, 20),
+            "duration_ms": exchange.duration_ms,
         }
 
     # Reading

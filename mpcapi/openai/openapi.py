@@ -20,16 +20,13 @@ from typing import Any
 from mpcapi import __version__
 from mpcapi.config.settings import Settings
 from mpcapi.metrics.dashboard import load_assets
+from mpcapi.openai.routes import BY_NAME, ROUTES, Route
 from mpcapi.openai.validation import load_schema
 
 OPENAPI_VERSION = "3.1.0"
 
 # Request body schema (a file of mpcapi/schemas) of each validated route, by endpoint name.
-BODY_SCHEMAS = {
-    "chat_completions": "chat_completions",
-    "completions": "completions",
-    "embeddings": "embeddings",
-}
+BODY_SCHEMAS = {route.name: route.schema for route in ROUTES if route.schema is not None}
 # The component names of each validated route's request body and answer.
 _BODY_COMPONENTS = {
     "chat_completions": ("ChatCompletionRequest", "ChatCompletionResponse"),
@@ -279,8 +276,12 @@ class _Describer:
 
     def describe(self, endpoint: str, path: str, method: str) -> dict[str, Any]:
         method_of = getattr(self, f"_{endpoint}", None)
-        if method_of is not None:
-            operation: dict[str, Any] = method_of(path)
+        route = BY_NAME.get(endpoint)
+        operation: dict[str, Any]
+        if route is not None and route.schema is not None:
+            operation = self._post(route)
+        elif method_of is not None:
+            operation = method_of(path)
         else:
             operation = _operation(
                 f"{method} {path}",
@@ -344,12 +345,14 @@ class _Describer:
             security=self._client_security(),
         )
 
-    def _post(self, endpoint: str, summary: str, streams: bool) -> dict[str, Any]:
+    def _post(self, route: Route) -> dict[str, Any]:
+        """A forwarded route with a body, from its entry in the route table."""
+        endpoint, summary, streams = route.name, route.summary, route.streams
         request_component, answer_component = _BODY_COMPONENTS[endpoint]
         content: dict[str, Any] = _json_content(_ref("schemas", answer_component))
         description = (
-            f"Validated against `mpcapi/schemas/{BODY_SCHEMAS[endpoint]}.json` (strict where "
-            "the OpenAI API is strict; unknown fields pass through), then LiteLLM's answer, "
+            f"Validated against `mpcapi/openai/schemas/{BODY_SCHEMAS[endpoint]}.json` (strict "
+            "where the OpenAI API is strict; unknown fields pass through), then LiteLLM's answer, "
             "unchanged. LiteLLM's own errors for the request (400, 404, 409, 413, 422, 429) "
             "pass through with their status, body and `Retry-After` / `x-ratelimit-*` headers."
         )
@@ -373,15 +376,6 @@ class _Describer:
                 "content": _json_content(_ref("schemas", request_component)),
             },
         )
-
-    def _chat_completions(self, path: str) -> dict[str, Any]:
-        return self._post("chat_completions", "Chat completion", streams=True)
-
-    def _completions(self, path: str) -> dict[str, Any]:
-        return self._post("completions", "Text completion", streams=True)
-
-    def _embeddings(self, path: str) -> dict[str, Any]:
-        return self._post("embeddings", "Embeddings", streams=False)
 
     def _websocket(self, path: str) -> dict[str, Any]:
         return _operation(

@@ -12,7 +12,6 @@ from typing import Any
 
 import attrs
 import orjson
-from twisted.web.iweb import IResponse
 
 COST_HEADER = b"x-litellm-response-cost"
 
@@ -41,8 +40,9 @@ def _tokens(document: Any) -> Usage | None:
     )
 
 
-def usage_of_answer(body: bytes, response: IResponse) -> Usage | None:
-    """The usage of a whole JSON answer, with the cost header when LiteLLM sent one."""
+def usage_of_answer(body: bytes, cost_header: bytes | None) -> Usage | None:
+    """The usage of a whole JSON answer, with the cost of LiteLLM's ``COST_HEADER`` when it
+    sent one."""
     if b'"usage"' not in body:
         return None
     try:
@@ -51,7 +51,7 @@ def usage_of_answer(body: bytes, response: IResponse) -> Usage | None:
         return None
     if usage is None:
         return None
-    return attrs.evolve(usage, cost_usd=cost_of(response))
+    return attrs.evolve(usage, cost_usd=cost_of(cost_header))
 
 
 def usage_of_chunk(document: Any) -> Usage | None:
@@ -77,12 +77,12 @@ def usage_of_event(data: str) -> Usage | None:
         return None
 
 
-def cost_of(response: IResponse) -> float | None:
-    values = response.headers.getRawHeaders(COST_HEADER)
-    if not values:
+def cost_of(cost_header: bytes | None) -> float | None:
+    """The cost in USD that a ``COST_HEADER`` value says; None when it says none."""
+    if not cost_header:
         return None
     try:
-        cost = float(values[0])
+        cost = float(cost_header)
     except ValueError:
         return None
     return cost if math.isfinite(cost) and cost >= 0 else None

@@ -22,8 +22,8 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 
 from mpcapi.errors import ApiError, bad_request
+from mpcapi.openai.routes import SCHEMA_NAMES
 
-SCHEMA_NAMES = ("chat_completions", "completions", "embeddings")
 _MAX_MESSAGE = 300
 _MAX_DETAILS = 10
 

@@ -11,9 +11,9 @@ from the cache with a key LiteLLM would refuse.
 Every cacheable response says ``x-mpcapi-cache: hit|miss|bypass``. ``Cache-Control:
 no-cache`` skips the lookup (the answer may still be stored); ``no-store`` keeps the
 answer out. A ``"stream": true`` request whose answer is cached gets it replayed as a
-valid SSE stream; streamed HTTP answers themselves are not stored. The WebSocket (whose
-requests are all streamed) uses the same cache through ``scope_for``, ``fetch``, ``keep`` and
-``replay_of``, and stores its complete streams (``answer_of_chunks``).
+valid SSE stream; streamed HTTP answers themselves are not stored. HTTP routes and
+WebSocket messages (whose requests are all streamed) take the same step, ``lookup``; the
+WebSocket stores its complete streams (``answer_of_chunks``).
 
 Backends: ``MemoryStore`` (a least-recently-used dict bounded in bytes) and ``RedisStore``
 (shared by instances; ``SET … EX``; ``mpcapi.cacheindex`` tells it which lookups need not ask
@@ -25,33 +25,32 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
+import attrs
 import orjson
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IRequest
 
 from mpcapi.config.settings import Settings
-from mpcapi.errors import JSON_CONTENT_TYPE, set_status, with_length
-from mpcapi.http.requestlog import record_of
-from mpcapi.http.streaming import SSE_HEADERS
+from mpcapi.exchange import Exchange
+from mpcapi.openai.routes import CACHEABLE_PATHS
 from mpcapi.policy.cacheindex import BYTES_PER_KEY, KeyIndex, announcement, channel_of
 from mpcapi.storage.redis import RedisClient, RedisUnavailableError
 
 log = Logger(namespace="mpcapi.cache")
 
 CACHE_HEADER = b"x-mpcapi-cache"
-CACHEABLE_ROUTES = ("/chat/completions", "/completions", "/embeddings")
 # Request fields that change how an answer is delivered, not what it says.
 DELIVERY_FIELDS = ("stream", "stream_options")
-_PENDING = "_mpcapi_cache_key"  # the cache key of a miss, on the request, until it is stored
+OUTCOMES = ("hit", "miss", "bypass")
 
 
 _Item = TypeVar("_Item")
+_Answer = TypeVar("_Answer")
 _Result = TypeVar("_Result")
 
 
@@ -214,6 +213,14 @@ class _Batches(Generic[_Item, _Result]):
         self._in_flight = False
 
 
+@attrs.frozen
+class Lookup(Generic[_Answer]):
+    """What the cache said of one call."""
+
+    answer: _Answer | None  # a hit: the stored answer, as the caller sends it
+    store_key: str | None  # where the call's answer is kept once complete; None: not kept
+
+
 def canonical_body(document: dict[str, Any]) -> str:
     """The request as the cache sees it: sorted keys, no whitespace, no delivery fields."""
     content = {k: v for k, v in document.items() if k not in DELIVERY_FIELDS}
@@ -228,8 +235,8 @@ def cache_key(scope: str, route: str, document: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def cache_control(request: IRequest) -> set[str]:
-    values = request.requestHeaders.getRawHeaders(b"cache-control") or []
+def cache_directives(values: Sequence[bytes]) -> set[str]:
+    """The directive names of ``Cache-Control`` header values (``no-cache``, ``no-store``)."""
     return {
         part.strip().split(b"=", 1)[0].lower().decode("latin-1")
         for value in values
@@ -239,7 +246,7 @@ def cache_control(request: IRequest) -> set[str]:
 
 
 class ResponseCache:
-    """``lookup`` before forwarding, ``store_answer`` after a 200; off when ``ttl`` is 0."""
+    """``lookup`` before forwarding, ``keep`` after a 200; off when ``ttl`` is 0."""
 
     @classmethod
     def from_settings(
@@ -265,14 +272,6 @@ class ResponseCache:
     @property
     def enabled(self) -> bool:
         return self.ttl > 0
-
-    def scope_of(self, request: IRequest) -> str:
-        record = record_of(request)
-        peer = request.getClientAddress()
-        authorization = None if self._our_key else request.getHeader(b"authorization")
-        return self.scope_for(
-            record.user, record.key_id, getattr(peer, "host", None), authorization
-        )
 
     def scope_for(
         self,
@@ -300,39 +299,35 @@ class ResponseCache:
             scope += ":auth:" + hashlib.sha256(raw).hexdigest()[:32]
         return scope
 
-    async def lookup(self, request: IRequest, route: str, document: dict[str, Any]) -> bytes | None:
-        """The whole response (status and headers set) on a hit; None otherwise, after
-        noting what to store if the answer turns out to be a 200."""
-        if not self.enabled or route not in CACHEABLE_ROUTES:
+    async def lookup(
+        self,
+        exchange: Exchange,
+        document: dict[str, Any],
+        directives: Collection[str],
+        authorization: str | bytes | None,
+        replay: Callable[[bytes], _Answer | None],
+    ) -> Lookup[_Answer] | None:
+        """The cache step of one call of ``exchange.route`` with the body ``document``:
+        None when the cache is off or the route not cacheable. Otherwise the answer on a hit
+        (a stored answer turned by ``replay`` into what the caller sends; None from it: a
+        miss) and where to keep this call's answer. The outcome (hit, miss, bypass) goes on
+        the exchange and into the counts. ``directives`` are ``Cache-Control``'s."""
+        route = exchange.route
+        if not self.enabled or route not in CACHEABLE_PATHS:
             return None
-        directives = cache_control(request)
-        key = cache_key(self.scope_of(request), route, document)
-        streamed = document.get("stream") is True
-        if "no-store" not in directives and not streamed:
-            setattr(request, _PENDING, key)
+        scope = self.scope_for(exchange.user, exchange.key_id, exchange.client, authorization)
+        key = cache_key(scope, route, document)
+        store_key = None if "no-store" in directives else key
         if "no-cache" in directives:
-            self._mark(request, "bypass")
-            return None
+            self._settle(exchange, "bypass")
+            return Lookup(None, store_key)
         cached = await self.fetch(key)
-        if cached is not None:
-            response = self._replay(request, document, cached) if streamed else cached
-            if response is not None:
-                setattr(request, _PENDING, None)
-                self._mark(request, "hit")
-                if not streamed:
-                    set_status(request, 200)
-                    request.setHeader(b"content-type", JSON_CONTENT_TYPE)
-                return with_length(request, response)
-        self._mark(request, "miss")
-        return None
-
-    def store_answer(self, request: IRequest, answer: bytes) -> None:
-        """Keep a 200 answer of a miss (or bypass); in the background for Redis."""
-        key = getattr(request, _PENDING, None)
-        if key is None or request.code != 200:  # type: ignore[attr-defined]
-            return
-        setattr(request, _PENDING, None)
-        self.keep(key, answer)
+        answer = replay(cached) if cached is not None else None
+        if answer is not None:
+            self._settle(exchange, "hit")
+            return Lookup(answer, None)
+        self._settle(exchange, "miss")
+        return Lookup(None, store_key)
 
     async def fetch(self, key: str) -> bytes | None:
         """The answer stored under ``key``; a store that fails is a miss."""
@@ -349,9 +344,8 @@ class ResponseCache:
         logged (a Redis outage is logged once, by the client)."""
         self.store.set(key, answer, self.ttl).addErrback(_store_failed)
 
-    def _mark(self, request: IRequest, outcome: str) -> None:
-        record_of(request).cache = outcome
-        request.setHeader(CACHE_HEADER, outcome.encode("ascii"))
+    def _settle(self, exchange: Exchange, outcome: str) -> None:
+        exchange.cache = outcome
         self.count(outcome)
 
     def count(self, outcome: str) -> None:
@@ -363,201 +357,7 @@ class ResponseCache:
         else:
             self.bypasses += 1
 
-    @staticmethod
-    def _replay(request: IRequest, document: dict[str, Any], cached: bytes) -> bytes | None:
-        events = replay_of(cached, document)
-        if events is None:
-            return None  # not an answer we know how to stream: forward instead
-        set_status(request, 200)
-        for name, value in SSE_HEADERS.items():
-            request.setHeader(name, value)
-        return (
-            b"".join(b"data: " + json.dumps(event).encode("utf-8") + b"\n\n" for event in events)
-            + b"data: [DONE]\n\n"
-        )
-
 
 def _store_failed(failure: Failure) -> None:
     if not failure.check(RedisUnavailableError):
         log.failure("cache store failed", failure)
-
-
-def replay_of(cached: bytes, document: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """The stream chunks of a cached answer for the request ``document`` (with the usage
-    chunk when it asks for it); None for an answer that cannot be streamed."""
-    try:
-        answer = json.loads(cached)
-        options = document.get("stream_options")
-        usage = isinstance(options, dict) and options.get("include_usage") is True
-        return replay_events(answer, usage)
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return None
-
-
-def replay_events(answer: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
-    """The chunks a stream of ``answer`` (a chat completion or a text completion) has."""
-    kind = answer["object"]
-    if kind == "chat.completion":
-        return _chat_chunks(answer, include_usage)
-    if kind == "text_completion":
-        return _text_chunks(answer, include_usage)
-    raise ValueError(f"cannot stream a {kind!r}")
-
-
-def _chunk(answer: dict[str, Any], kind: str, choices: list[Any], usage: bool) -> dict[str, Any]:
-    chunk: dict[str, Any] = {
-        "id": answer.get("id", ""),
-        "object": kind,
-        "created": answer.get("created", 0),
-        "model": answer.get("model", ""),
-        "choices": choices,
-    }
-    if answer.get("system_fingerprint") is not None:
-        chunk["system_fingerprint"] = answer["system_fingerprint"]
-    if usage:
-        chunk["usage"] = None
-    return chunk
-
-
-def _usage_chunk(answer: dict[str, Any], kind: str) -> dict[str, Any]:
-    chunk = _chunk(answer, kind, [], False)
-    chunk["usage"] = answer.get("usage")
-    return chunk
-
-
-def _chat_chunks(answer: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
-    kind = "chat.completion.chunk"
-    events: list[dict[str, Any]] = []
-    for choice in answer["choices"]:
-        index = choice.get("index", 0)
-        message = choice.get("message") or {}
-
-        def delta(values: dict[str, Any], finish: Any = None, index: int = index) -> None:
-            entry = {"index": index, "delta": values, "logprobs": None, "finish_reason": finish}
-            events.append(_chunk(answer, kind, [entry], include_usage))
-
-        delta({"role": message.get("role", "assistant"), "content": ""})
-        if message.get("content"):
-            delta({"content": message["content"]})
-        if message.get("refusal"):
-            delta({"refusal": message["refusal"]})
-        for position, call in enumerate(message.get("tool_calls") or []):
-            delta({"tool_calls": [{"index": position, **call}]})
-        delta({}, choice.get("finish_reason") or "stop")
-    if include_usage and answer.get("usage") is not None:
-        events.append(_usage_chunk(answer, kind))
-    return events
-
-
-def _text_chunks(answer: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
-    kind = "text_completion"
-    events: list[dict[str, Any]] = []
-    for choice in answer["choices"]:
-        index = choice.get("index", 0)
-        for text, finish in ((choice.get("text") or "", None), ("", choice.get("finish_reason"))):
-            entry = {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
-            events.append(_chunk(answer, kind, [entry], include_usage))
-    if include_usage and answer.get("usage") is not None:
-        events.append(_usage_chunk(answer, kind))
-    return events
-
-
-# What a streamed answer is, once whole: the inverse of replay_events, for the WebSocket,
-# whose requests are all streamed. Only what a replay gives back is kept (text, refusals,
-# tool calls, usage); a stream with anything else (logprobs, audio…) is not stored.
-_CHAT_DELTA = ("role", "content", "refusal", "tool_calls")
-_CHOICE = ("index", "delta", "text", "finish_reason", "logprobs")
-
-
-def answer_of_chunks(chunks: list[Any]) -> dict[str, Any] | None:
-    """The answer (``chat.completion`` or ``text_completion``) that a complete stream of
-    ``chunks`` says, for the cache; None when it says more than a replay would give back."""
-    try:
-        return _assemble(chunks)
-    except (TypeError, KeyError, AttributeError, ValueError):
-        return None
-
-
-def _assemble(chunks: list[Any]) -> dict[str, Any] | None:
-    if not chunks:
-        return None
-    first = chunks[0]
-    kind = first["object"]
-    if kind not in ("chat.completion.chunk", "text_completion"):
-        return None
-    choices: dict[int, dict[str, Any]] = {}
-    usage = None
-    for chunk in chunks:
-        if chunk["object"] != kind:
-            return None
-        usage = chunk.get("usage") or usage
-        for choice in chunk["choices"]:
-            if any(choice.get(name) is not None for name in choice if name not in _CHOICE):
-                return None
-            if choice.get("logprobs") is not None:
-                return None
-            index = int(choice.get("index", 0))
-            whole = choices.setdefault(index, {"index": index, "finish_reason": None})
-            if choice.get("finish_reason") is not None:
-                whole["finish_reason"] = choice["finish_reason"]
-            if kind == "text_completion":
-                whole["text"] = whole.get("text", "") + (choice.get("text") or "")
-            elif not _add_delta(whole, choice.get("delta") or {}):
-                return None
-    answer: dict[str, Any] = {
-        "id": first.get("id", ""),
-        "object": "chat.completion" if kind == "chat.completion.chunk" else kind,
-        "created": first.get("created", 0),
-        "model": first.get("model", ""),
-        "choices": [_finished(choices[index], kind) for index in sorted(choices)],
-    }
-    if first.get("system_fingerprint") is not None:
-        answer["system_fingerprint"] = first["system_fingerprint"]
-    if usage is not None:
-        answer["usage"] = usage
-    return answer
-
-
-def _add_delta(whole: dict[str, Any], delta: dict[str, Any]) -> bool:
-    """Fold one chat delta into its choice's message; False for a field we cannot replay."""
-    if any(value is not None for name, value in delta.items() if name not in _CHAT_DELTA):
-        return False
-    message = whole.setdefault("message", {"role": "assistant", "content": None})
-    if delta.get("role"):
-        message["role"] = delta["role"]
-    for name in ("content", "refusal"):
-        if delta.get(name):
-            message[name] = (message.get(name) or "") + delta[name]
-    for call in delta.get("tool_calls") or []:
-        calls = message.setdefault("tool_calls", [])
-        position = int(call["index"])
-        if position == len(calls):
-            calls.append(
-                {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
-            )
-        elif position > len(calls):
-            return False
-        merged, function = calls[position], call.get("function") or {}
-        merged["id"] = call.get("id") or merged["id"]
-        merged["type"] = call.get("type") or merged["type"]
-        for name in ("name", "arguments"):
-            merged["function"][name] += function.get(name) or ""
-    return True
-
-
-def _finished(whole: dict[str, Any], kind: str) -> dict[str, Any]:
-    if kind == "text_completion":
-        text = whole.get("text", "")
-        return {
-            "text": text,
-            "index": whole["index"],
-            "logprobs": None,
-            "finish_reason": whole["finish_reason"],
-        }
-    message = whole.get("message") or {"role": "assistant", "content": None}
-    return {
-        "index": whole["index"],
-        "message": message,
-        "logprobs": None,
-        "finish_reason": whole["finish_reason"],
-    }

@@ -4,7 +4,7 @@ Each limited identity has two fixed one-minute windows, one for requests and one
 tokens, each starting with the first request (or token) counted in it. A request is
 admitted when neither window is full; it then counts one request. Tokens are counted
 after the fact, from the usage of the answers (streams included), by ``count_tokens``,
-a request observer (see ``requestlog``). A request that finds the tokens window full is
+an exchange observer (see ``mpcapi.exchange``). A request that finds the tokens window full is
 refused until the window ends, like OpenAI's.
 
 Two backends: ``MemoryWindows`` (one process; the default) and ``RedisWindows`` (every
@@ -17,20 +17,19 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
-from twisted.web.iweb import IRequest
 
 from mpcapi.config.settings import Settings
 from mpcapi.errors import ApiError
-from mpcapi.http.requestlog import RequestRecord, record_of
 from mpcapi.storage.redis import RedisClient, RedisUnavailableError
 
 if TYPE_CHECKING:
+    from mpcapi.exchange import Exchange
     from mpcapi.policy.keys import ClientKey
 
 log = Logger(namespace="mpcapi.limits")
@@ -319,7 +318,8 @@ def limit_headers(rpm: int, tpm: int, counts: Counts) -> dict[str, str]:
     return headers
 
 
-_HEADER_NAMES = {
+# The headers' names, encoded once (HTTP sets them raw on every limited response).
+HEADER_NAMES = {
     f"x-ratelimit-{part}-{what}": f"x-ratelimit-{part}-{what}".encode("ascii")
     for part in ("limit", "remaining", "reset")
     for what in ("requests", "tokens")
@@ -352,8 +352,10 @@ class RateLimiter:
         self._own_tpm: set[str] = set()
         self.refused = 0  # for metrics: requests answered 429
 
-    def limits_for(self, record: RequestRecord) -> tuple[int, int]:
-        return self.limits_of(record.client_key)
+    def use_defaults(self, default_rpm: int, default_tpm: int) -> None:
+        """The limits of calls without limits of their own, from now on (a reload)."""
+        self.default_rpm = default_rpm
+        self.default_tpm = default_tpm
 
     def limits_of(self, key: ClientKey | None) -> tuple[int, int]:
         """The (rpm, tpm) of ``key``'s requests (None when auth is off); 0: no limit."""
@@ -364,26 +366,10 @@ class RateLimiter:
             self.default_tpm if tpm is None else int(tpm),
         )
 
-    async def check(self, request: IRequest) -> None:
-        """Set the ``x-ratelimit-*`` headers; raise a 429 ``ApiError`` when over a limit."""
-        record = record_of(request)
-        rpm, tpm = self.limits_for(record)
-        if not rpm and not tpm:
-            return
-        identity = identity_of(record.key_id, _client_address(request))
-        try:
-            headers = await self._decide(identity, rpm, tpm)
-        except ApiError:
-            record.rate_limited = True
-            raise
-        set_header = request.responseHeaders.setRawHeaders
-        for name, value in headers.items():
-            set_header(_HEADER_NAMES[name], [value.encode("ascii")])
-
     async def admit(self, key: ClientKey | None, client: str | None) -> dict[str, str]:
-        """``check`` without an HTTP request (the WebSocket's messages): count one request
-        of ``key`` (None when auth is off) from the address ``client``. Returns the
-        ``x-ratelimit-*`` headers; raises a 429 ``ApiError`` when over a limit."""
+        """Count one request of ``key`` (None when auth is off) from the address ``client``.
+        Returns the ``x-ratelimit-*`` headers; raises a 429 ``ApiError`` (carrying them too)
+        when over a limit."""
         rpm, tpm = self.limits_of(key)
         if not rpm and not tpm:
             return {}
@@ -422,20 +408,18 @@ class RateLimiter:
             },
         )
 
-    def count_tokens(self, fields: dict[str, Any]) -> None:
-        """Request observer: add a finished request's tokens to its tokens window."""
-        tokens = (fields.get("prompt_tokens") or 0) + (fields.get("completion_tokens") or 0)
+    def count_tokens(self, exchange: Exchange) -> None:
+        """Exchange observer: add a finished call's tokens to its tokens window."""
+        usage = exchange.usage
+        if usage is None:
+            return
+        tokens = usage.prompt_tokens + usage.completion_tokens
         if tokens <= 0:
             return
-        identity = identity_of(fields.get("key_id"), fields.get("client"))
+        identity = identity_of(exchange.key_id, exchange.client)
         if not self.default_tpm and identity not in self._own_tpm:
             return
         try:
             self.windows.add_tokens(identity, tokens)
         except Exception:
             log.failure("counting tokens failed")
-
-
-def _client_address(request: IRequest) -> str | None:
-    peer = request.getClientAddress()
-    return getattr(peer, "host", None)

@@ -19,11 +19,9 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from mpcapi.config.live import LiveSettings
 from mpcapi.config.settings import SETTINGS, ConfigError, Settings
-from mpcapi.http.app import Gateway
-from mpcapi.openai.openapi import document_bytes
 from mpcapi.runtime.logs import LogSwitch
-from mpcapi.upstream.balancer import HealthProbe
 
 log = Logger(namespace="mpcapi.reload")
 
@@ -55,9 +53,7 @@ class Reloader:
 
     load: Loader  # the start-up loader: same options, environment, file and .env
     run_blocking: Callable[[Loader], defer.Deferred[Settings]]  # in a thread, in the daemon
-    settings: Settings  # what is in force now
-    gateway: Gateway
-    probe: HealthProbe | None = None
+    live: LiveSettings  # what is in force now; every part reads it, or hears of a change
     # The log observer, once twistd has installed it (None: twistd's own text observer).
     logs_of: Callable[[], LogSwitch | None] = lambda: None
     _lock: defer.DeferredLock = attrs.field(factory=defer.DeferredLock, init=False)
@@ -79,7 +75,7 @@ class Reloader:
                 error=str(error),
             )
             return False
-        old = self.settings
+        old = self.live.current
         changed = [s.name for s in SETTINGS if getattr(old, s.name) != getattr(fresh, s.name)]
         live = [name for name in changed if name in LIVE]
         later = [name for name in changed if name not in LIVE]
@@ -90,11 +86,14 @@ class Reloader:
         if "log_format" in live and self.logs_of() is None:
             live.remove("log_format")  # twistd's own observer (--logfile, --syslog) is in use
             later.append("log_format")
-        self.settings = attrs.evolve(old, **{name: getattr(fresh, name) for name in live})
-        self._apply(self.settings)
+        applied = attrs.evolve(old, **{name: getattr(fresh, name) for name in live})
+        self.live.replace(applied)
+        logs = self.logs_of()
+        if logs is not None:
+            logs.use(applied.log_format)
         log.info(
             "configuration reloaded; applied: {applied}",
-            applied=", ".join(_shown(name, self.settings) for name in live) or "no change",
+            applied=", ".join(_shown(name, applied) for name in live) or "no change",
         )
         if later:
             log.warn(
@@ -102,28 +101,6 @@ class Reloader:
                 names=", ".join(later),
             )
         return True
-
-    def _apply(self, settings: Settings) -> None:
-        gateway = self.gateway
-        upstream = gateway.upstream
-        upstream.balancer.replace(settings.litellm_base_urls)  # counts of those that stay kept
-        upstream.base_url = settings.litellm_base_url
-        upstream.api_key = settings.litellm_api_key
-        upstream.timeout = settings.litellm_timeout
-        upstream.probe_timeout = settings.ready_timeout
-        gateway.settings = settings
-        if "websockets" in vars(gateway):  # made on first use: then it reads them itself
-            gateway.websockets.settings = settings  # what WebSocket requests read from now on
-        gateway.limiter.default_rpm = settings.default_rpm
-        gateway.limiter.default_tpm = settings.default_tpm
-        gateway.openapi = document_bytes(gateway.app.url_map, settings)
-        if gateway.keys is not None:
-            gateway.keys.forget()  # revoked keys and new limits: read from the database now
-        if self.probe is not None:
-            self.probe.set_interval(settings.upstream_probe_seconds)
-        logs = self.logs_of()
-        if logs is not None:
-            logs.use(settings.log_format)
 
 
 def _shown(name: str, settings: Settings) -> str:

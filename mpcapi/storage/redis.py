@@ -208,6 +208,7 @@ class RedisClient:
         command_timeout: float = COMMAND_TIMEOUT,
         connect: Callable[[RedisAddress, float, float], Any] = _connect,
         subscribe: Callable[[RedisAddress, str, SubscriptionListener], IService] = _subscribe,
+        report_failure: Callable[[bool], None] = lambda began_outage: None,
     ) -> None:
         self.url = url
         self.prefix = prefix
@@ -225,14 +226,21 @@ class RedisClient:
         self.errors = 0
         self.outages = 0
         self.available = True
-        self.report_failure: Callable[[bool], None] = lambda began_outage: None
+        self._report_failure = report_failure
 
     @classmethod
-    def from_settings(cls, settings: Settings, clock: IReactorTime) -> RedisClient | None:
+    def from_settings(
+        cls,
+        settings: Settings,
+        clock: IReactorTime,
+        report_failure: Callable[[bool], None] = lambda began_outage: None,
+    ) -> RedisClient | None:
         """The shared client when ``redis_url`` is set (nothing connects yet), else None."""
         if not settings.redis_url:
             return None
-        return cls(settings.redis_url, clock, prefix=settings.redis_prefix)
+        return cls(
+            settings.redis_url, clock, prefix=settings.redis_prefix, report_failure=report_failure
+        )
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -302,7 +310,7 @@ class RedisClient:
                 url=self._masked_url(),
                 error=_describe(error),
             )
-        self.report_failure(began_outage)
+        self._report_failure(began_outage)
 
     def _masked_url(self) -> str:
         address = self._address

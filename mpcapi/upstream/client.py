@@ -46,6 +46,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from mpcapi.config.live import LiveSettings
 from mpcapi.config.settings import Settings, without_password
 from mpcapi.errors import ApiError, bad_gateway, gateway_timeout
 from mpcapi.upstream.balancer import Balancer, Upstream, split_urls
@@ -229,17 +230,36 @@ class _NeverConnectedError(ApiError):
 @attrs.define
 class LiteLLMClient:
     """Sends requests to the LiteLLM Gateway (one instance or several, see ``balancer``) and
-    maps transport failures to ``ApiError``."""
+    maps transport failures to ``ApiError``. Its URLs, key and timeouts are the settings in
+    force (``live``): a reload changes them for the next request."""
 
-    base_url: str  # as configured: one URL, or several separated by commas
-    api_key: str
+    live: LiveSettings
     http: Any
     clock: IReactorTime
-    timeout: float
-    probe_timeout: float = 2.0  # seconds a liveness probe may take (MPCAPI_READY_TIMEOUT)
     balancer: Balancer = attrs.field(
-        default=attrs.Factory(lambda self: Balancer(split_urls(self.base_url)), takes_self=True)
+        default=attrs.Factory(
+            lambda self: Balancer(split_urls(self.live.current.litellm_base_url)), takes_self=True
+        )
     )
+
+    @property
+    def base_url(self) -> str:
+        """As configured: one URL, or several separated by commas."""
+        return self.live.current.litellm_base_url
+
+    @property
+    def api_key(self) -> str:
+        return self.live.current.litellm_api_key
+
+    @property
+    def timeout(self) -> float:
+        """Seconds to wait for response headers, and between body chunks (LITELLM_TIMEOUT)."""
+        return self.live.current.litellm_timeout
+
+    @property
+    def probe_timeout(self) -> float:
+        """Seconds a liveness probe may take (MPCAPI_READY_TIMEOUT)."""
+        return self.live.current.ready_timeout
 
     def url(self, path: str, upstream: Upstream | None = None) -> EncodedURL:
         """The parsed URL of ``path`` on ``upstream`` (the first instance), built once."""

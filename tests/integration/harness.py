@@ -36,6 +36,8 @@ from typing import Any
 
 from openai.types.chat import ChatCompletionMessageParam
 
+from tests.support.ports import free_port
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LITELLM_VENV = REPO_ROOT / ".venv-litellm"
 LITELLM_BIN = LITELLM_VENV / "bin" / "litellm"
@@ -67,14 +69,6 @@ class HarnessError(Exception):
 
 
 # --- processes ----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def http_status(url: str, timeout: float = 2.0) -> int | None:

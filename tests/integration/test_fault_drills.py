@@ -23,8 +23,9 @@ import openai
 import psycopg
 import pytest
 
-from tests.databases import own_postgres
-from tests.redisserver import REDIS_SERVER, RedisServer, free_port
+from tests.support.databases import own_postgres
+from tests.support.ports import free_port
+from tests.support.redisserver import REDIS_SERVER, RedisServer
 
 from . import harness
 from .harness import (

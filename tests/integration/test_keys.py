@@ -20,7 +20,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from mpcapi.policy.keys import hash_key
-from tests.databases import database_url
+from tests.support.databases import database_url
 
 from .harness import HELLO, MOCK_TEXT, Daemon, DaemonLauncher, FakeUpstream
 

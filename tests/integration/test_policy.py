@@ -19,8 +19,9 @@ import pytest
 from openai import OpenAI
 
 from mpcapi.policy.limits import LEASE_SECONDS
-from tests.databases import postgres_schema
-from tests.redisserver import REDIS_SERVER, SHARED_REDIS_URL, RedisServer, free_port
+from tests.support.databases import postgres_schema
+from tests.support.ports import free_port
+from tests.support.redisserver import REDIS_SERVER, SHARED_REDIS_URL, RedisServer
 
 from .harness import HELLO, MOCK_TEXT, Daemon
 from .test_usage_ledger import ADMIN, usage

@@ -20,8 +20,9 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from mpcapi.policy.keys import hash_key
-from tests.databases import postgres_schema
-from tests.redisserver import REDIS_SERVER, RedisServer, closed_port, free_port
+from tests.support.databases import postgres_schema
+from tests.support.ports import closed_port, free_port
+from tests.support.redisserver import REDIS_SERVER, RedisServer
 
 from .harness import HELLO, MOCK_TEXT, Daemon, DaemonLauncher, LiteLLM
 from .test_keys import admin

@@ -19,7 +19,7 @@ import pytest
 
 from mpcapi.policy.keys import create_key
 from mpcapi.storage.database import SyncDatabase
-from tests.databases import own_postgres, postgres_schema
+from tests.support.databases import own_postgres, postgres_schema
 
 from .harness import HELLO, Daemon
 

@@ -7,12 +7,12 @@ import re
 
 import pytest
 import pytest_twisted
-from treq.testing import StubTreq
 from twisted.internet import defer
 
-from mpcapi.http.app import Gateway
-from mpcapi.http.requestlog import RequestLogging, RequestObserver, new_request_id
-from tests.unit.conftest import (
+from mpcapi.exchange import Exchange, ExchangeObserver
+from mpcapi.http.requestlog import new_request_id
+from mpcapi.openai.usage import Usage
+from tests.support.gateway import (
     CHAT,
     COMPLETION,
     Harness,
@@ -333,7 +333,7 @@ async def test_bug_is_500_without_traceback(harness: Harness) -> None:
         def validate(self, name: str, body: bytes) -> dict[str, object]:
             raise ZeroDivisionError("secret internals")
 
-    harness.client = make_broken_client(Broken())
+    harness.parts.forwarding.validator = Broken()  # type: ignore[assignment]
     response = await harness.post("/api/chat/completions", CHAT)
     assert response.code == 500
     text = (await response.content()).decode()
@@ -344,26 +344,13 @@ async def test_bug_is_500_without_traceback(harness: Harness) -> None:
     assert "ZeroDivisionError" not in text
 
 
-def make_broken_client(validator: object) -> object:
-    from treq.testing import StubTreq
-
-    from mpcapi.http.app import Gateway
-
-    base = make_harness()
-    gateway = Gateway(base.settings, object(), base.clock, validator)  # type: ignore[arg-type]
-    return StubTreq(gateway.resource())
-
-
 # What every finished request reports (log event fields, and the observers' input)
 
 
-def observed_harness(*observers: RequestObserver) -> tuple[Harness, list[dict[str, object]]]:
-    """A harness whose gateway reports finished requests to ``observers`` and a list."""
-    harness = make_harness()
-    seen: list[dict[str, object]] = []
-    app = Gateway(harness.settings, harness.upstream, harness.clock)
-    resource = RequestLogging(app.app.resource(), harness.clock, [*observers, seen.append])
-    harness.client = StubTreq(resource)
+def observed_harness(*observers: ExchangeObserver) -> tuple[Harness, list[Exchange]]:
+    """A harness whose gateway reports finished exchanges to ``observers`` and a list."""
+    seen: list[Exchange] = []
+    harness = make_harness(observers=[*observers, seen.append])
     return harness, seen
 
 
@@ -374,16 +361,15 @@ async def test_finished_requests_report_route_tokens_and_cost() -> None:
         200, COMPLETION, {"x-litellm-response-cost": "0.00042"}
     )
     await harness.post("/v1/chat/completions", CHAT, headers={"x-request-id": "r1"})
-    (fields,) = seen
-    assert fields["request_id"] == "r1"
-    assert fields["route"] == "/chat/completions"
-    assert fields["method"] == "POST"
-    assert fields["status"] == 200
-    assert fields["model"] == "gpt-4o-mini"
-    assert fields["upstream_status"] == 200
-    assert (fields["prompt_tokens"], fields["completion_tokens"]) == (3, 1)
-    assert fields["cost_usd"] == 0.00042
-    assert fields["outcome"] == "completed"
+    (exchange,) = seen
+    assert exchange.request_id == "r1"
+    assert exchange.route == "/chat/completions"
+    assert exchange.method == "POST"
+    assert exchange.status == 200
+    assert exchange.model == "gpt-4o-mini"
+    assert exchange.upstream_status == 200
+    assert exchange.usage == Usage(3, 1, 0.00042)
+    assert exchange.outcome == "completed"
 
 
 @pytest_twisted.ensureDeferred
@@ -391,13 +377,13 @@ async def test_upstream_failures_are_reported_by_kind() -> None:
     harness, seen = observed_harness()
     harness.fake.routes[("POST", "/chat/completions")] = answer(503, {"error": "busy"})
     await harness.post("/api/chat/completions", CHAT)
-    assert seen[0]["status"] == 502
-    assert seen[0]["upstream_failure"] == "status_5xx"
+    assert seen[0].status == 502
+    assert seen[0].upstream_failure == "status_5xx"
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_failing_observer_does_not_break_requests() -> None:
-    def broken(fields: dict[str, object]) -> None:
+    def broken(exchange: Exchange) -> None:
         raise RuntimeError("observer bug")
 
     harness, seen = observed_harness(broken)
@@ -427,7 +413,7 @@ def test_the_ledger_can_be_switched_off(tmp_path: object) -> None:
 
     from mpcapi.config.settings import Settings
     from mpcapi.ledger.ledger import UsageLedger
-    from mpcapi.tap import build_service
+    from mpcapi.runtime.build import build_service
 
     def ledgers(settings: Settings) -> list[object]:
         service = build_service(settings, reactor)
@@ -467,7 +453,7 @@ def test_autobahn_is_loaded_only_for_the_first_websocket() -> None:
         "import sys\n"
         "from twisted.internet import reactor\n"
         "from mpcapi.config.settings import Settings\n"
-        "from mpcapi.tap import build_service\n"
+        "from mpcapi.runtime.build import build_service\n"
         "build_service(Settings(usage_ledger=False), reactor)\n"
         "print(any(name.startswith('autobahn') for name in sys.modules))\n"
     )

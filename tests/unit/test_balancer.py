@@ -22,11 +22,10 @@ from twisted.web.client import ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from mpcapi.config.settings import Settings
 from mpcapi.http.app import Gateway
 from mpcapi.upstream.balancer import Balancer, HealthProbe, Upstream
 from mpcapi.upstream.client import LiteLLMClient
-from tests.unit.conftest import CHAT, FakeLiteLLM, answer, json_body, never_answer
+from tests.support.gateway import CHAT, FakeLiteLLM, answer, json_body, make_harness, never_answer
 
 A, B, C = "http://a.test:4000", "http://b.test:4000", "http://c.test:4000"
 
@@ -94,19 +93,9 @@ class Cluster:
 
 def cluster(*urls: str) -> Cluster:
     fakes = {url.split("//")[1].split(".")[0]: FakeLiteLLM() for url in urls}
-    settings = Settings(litellm_base_url=",".join(urls), litellm_api_key="sk-ours")
-    clock = Clock()
     wires = Wires(StubTreq(ByHost(fakes)))
-    client = LiteLLMClient(
-        base_url=settings.litellm_base_url,
-        api_key=settings.litellm_api_key,
-        http=wires,
-        clock=clock,
-        timeout=settings.litellm_timeout,
-        probe_timeout=settings.ready_timeout,
-    )
-    gateway = Gateway(settings, client, clock)
-    return Cluster(fakes, wires, clock, client, gateway, StubTreq(gateway.resource()))
+    harness = make_harness(http=wires, litellm_base_url=",".join(urls))
+    return Cluster(fakes, wires, harness.clock, harness.upstream, harness.gateway, harness.client)
 
 
 def refused() -> Exception:

@@ -11,23 +11,24 @@ from twisted.internet import defer
 from twisted.internet import reactor as global_reactor
 from twisted.internet.task import Clock
 
+from mpcapi.openai.replay import answer_of_chunks, replay_events
 from mpcapi.openai.sse import DONE, SSEParser
 from mpcapi.policy.cache import (
     STORE_DELAY,
     MemoryStore,
     RedisStore,
     ResponseCache,
-    answer_of_chunks,
     cache_key,
     canonical_body,
-    replay_events,
 )
 from mpcapi.policy.keys import ClientKey
 from mpcapi.storage.redis import RedisClient, RedisUnavailableError
-from tests.redisserver import closed_port
-from tests.unit.conftest import CHAT, COMPLETION, Harness, answer, json_body, make_harness
-from tests.unit.test_limits import REDIS_URL, bearer, client_key, header, keyed_harness
-from tests.unit.test_redis import captured, driven, sleep
+from tests.support.gateway import CHAT, COMPLETION, Harness, answer, header, json_body, make_harness
+from tests.support.keys import bearer, client_key, keyed_harness
+from tests.support.logs import captured
+from tests.support.ports import closed_port
+from tests.support.reactor import driven, sleep
+from tests.support.redisserver import SHARED_REDIS_URL as REDIS_URL
 
 CHAT_ROUTE = "/api/chat/completions"
 TEXT_ANSWER = {

@@ -21,9 +21,11 @@ from mpcapi.config.settings import Settings
 from mpcapi.policy.cache import RedisStore, ResponseCache
 from mpcapi.policy.cacheindex import KeyIndex, announcement, channel_of
 from mpcapi.storage.redis import RedisClient, RedisUnavailableError
-from tests.redisserver import REDIS_SERVER, RedisServer, free_port, redis_server
-from tests.unit.test_limits import REDIS_URL
-from tests.unit.test_redis import captured, sleep
+from tests.support.logs import captured
+from tests.support.ports import free_port
+from tests.support.reactor import sleep
+from tests.support.redisserver import REDIS_SERVER, RedisServer, redis_server
+from tests.support.redisserver import SHARED_REDIS_URL as REDIS_URL
 
 
 class CountingClient(RedisClient):

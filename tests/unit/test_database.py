@@ -7,7 +7,7 @@ import pytest_twisted
 from twisted.internet import reactor, threads
 
 from mpcapi.storage.database import Database, lost_connection, unavailable
-from tests.databases import own_postgres
+from tests.support.databases import own_postgres
 
 
 def test_only_a_connection_that_broke_counts_as_lost() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 
-from tests.unit.conftest import CHAT, Harness, json_body, make_harness
+from tests.support.gateway import CHAT, Harness, json_body, make_harness
 
 APP = "https://app.example.com"
 

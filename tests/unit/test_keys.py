@@ -12,11 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import attrs
 import pytest
 import pytest_twisted
-from treq.testing import StubTreq
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.logger import LogEvent, formatEvent
 from twisted.web.test.requesthelper import DummyRequest
@@ -24,9 +22,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from mpcapi.admin import main as admin_main
 from mpcapi.config.settings import Settings
 from mpcapi.errors import ApiError
-from mpcapi.http.app import Gateway
-from mpcapi.http.requestlog import RequestRecord, record_of
-from mpcapi.openai.validation import RequestValidator
+from mpcapi.exchange import Exchange
 from mpcapi.policy import keys as keys_module
 from mpcapi.policy.keys import (
     FRESH_FOR,
@@ -41,9 +37,9 @@ from mpcapi.policy.keys import (
     revoke_key,
 )
 from mpcapi.storage.database import MIGRATIONS, Database, Migration, SyncDatabase
-from mpcapi.websocket.endpoint import WebSocketEndpoint
-from tests.databases import database_url, sqlite_url
-from tests.unit.conftest import CHAT, Harness, make_harness
+from tests.support.databases import database_url, sqlite_url
+from tests.support.gateway import CHAT, Harness, make_harness
+from tests.support.keys import Answer, call, database_of, new_key, settle
 
 ROUTES = [
     ("GET", "/api/models"),
@@ -55,11 +51,6 @@ ROUTES = [
     ("GET", "/api/ws"),
     ("GET", "/v1/ws"),
 ]
-BODIES = {
-    "/chat/completions": CHAT,
-    "/completions": {"model": "gpt-4o-mini", "prompt": "Hi"},
-    "/embeddings": {"model": "text-embedding-3-small", "input": "Hi"},
-}
 WELL_FORMED_UNKNOWN = "sk-mpc-" + "A" * 43
 
 
@@ -88,60 +79,6 @@ def auth_any_db(db_url: str) -> Iterator[Harness]:
     yield harness
     assert harness.keys is not None
     harness.keys.database.close()
-
-
-def database_of(harness: Harness) -> Database:
-    assert harness.keys is not None
-    return harness.keys.database
-
-
-async def settle(harness: Harness, d: defer.Deferred[Any], timeout: float = 10.0) -> Any:
-    """Wait for ``d`` while the database's thread works: pump StubTreq, let the reactor run."""
-    deadline = time.monotonic() + timeout
-    done: list[bool] = []
-
-    def mark(result: Any) -> Any:
-        done.append(True)
-        return result
-
-    d.addBoth(mark)
-    while not done:
-        harness.flush()
-        if done:
-            break
-        assert time.monotonic() < deadline, "no answer"
-        await deferLater(reactor, 0.002, lambda: None)
-    return await d
-
-
-async def call(harness: Harness, method: str, path: str, authorization: str | None = None) -> Any:
-    headers = {} if authorization is None else {"Authorization": authorization}
-    url = f"http://mpcapi.test{path}"
-    if method == "GET":
-        d = harness.client.get(url, headers=headers)
-    else:
-        suffix = path.split("/", 2)[2]
-        body = json.dumps(BODIES["/" + suffix]).encode()
-        d = harness.client.post(url, data=body, headers=headers)
-    response = await settle(harness, d)
-    return Answer(response.code, response.headers, await settle(harness, response.content()))
-
-
-@attrs.frozen
-class Answer:
-    """A response read whole (its body may arrive after the database's thread answered)."""
-
-    code: int
-    headers: Any
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-async def new_key(harness: Harness, user: str = "alice", **limits: Any) -> tuple[ClientKey, str]:
-    key, secret = await database_of(harness).run(create_key, user, **limits)
-    return key, secret
 
 
 async def assert_401(response: Answer, message_part: str) -> None:
@@ -272,30 +209,19 @@ async def test_the_record_and_log_name_the_key_never_the_secret(
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_record_holds_the_keys_row(auth: Harness) -> None:
-    """The rate limiter and the ledger read ``record.client_key``: the key's row."""
-    records: list[RequestRecord] = []
-
-    class Watched(Gateway):
-        async def _forward(self, request: Any, *args: Any) -> bytes:
-            records.append(record_of(request))
-            return await super()._forward(request, *args)
-
-    gateway = Watched(auth.settings, auth.upstream, auth.clock, keys=auth.keys)
-    client = StubTreq(gateway.resource())
+async def test_the_exchange_holds_the_keys_row(tmp_path: Path) -> None:
+    """The rate limiter and the ledger read ``exchange.key``: the key's row."""
+    exchanges: list[Exchange] = []
+    auth = make_harness(
+        auth="keys", database_url=sqlite_url(tmp_path), observers=[exchanges.append]
+    )
     key, secret = await new_key(auth, "carol", rpm=5, tpm=0, budget_usd=1.0)
-    d = client.get("http://mpcapi.test/api/models", headers={"Authorization": f"Bearer {secret}"})
-    done: list[Any] = []
-    d.addBoth(lambda result: done.append(result) or result)
-    while not done:
-        client.flush()
-        auth.upstream_stub.flush()
-        await deferLater(reactor, 0.002, lambda: None)
-    response = await d
+    response = await call(auth, "GET", "/api/models", f"Bearer {secret}")
     assert response.code == 200
-    (record,) = records
-    assert (record.key_id, record.user) == (key.id, "carol")
-    found = record.client_key
+    (exchange,) = exchanges
+    assert (exchange.key_id, exchange.user) == (key.id, "carol")
+    found = exchange.key
+    database_of(auth).close()
     assert found is not None
     assert (found.id, found.user, found.rpm, found.tpm, found.budget_usd, found.revoked) == (
         key.id,
@@ -530,12 +456,11 @@ def test_migration_versions_are_in_order_and_unique() -> None:
 
 def test_websocket_sessions_do_not_pass_the_client_key_on(tmp_path: Path) -> None:
     harness = make_harness(auth="keys", database_url=sqlite_url(tmp_path))
-    validator = RequestValidator()
     try:
-        endpoint = WebSocketEndpoint(harness.settings, harness.upstream, harness.clock, validator)
+        endpoint = harness.gateway.websockets
         session = endpoint.session(lambda _: None, "/api/ws", b"Bearer sk-mpc-x", "127.0.0.1")
         assert session._authorization is None
-        open_endpoint = WebSocketEndpoint(Settings(), harness.upstream, harness.clock, validator)
+        open_endpoint = make_harness().gateway.websockets
         session = open_endpoint.session(lambda _: None, "/api/ws", b"Bearer x", "127.0.0.1")
         assert session._authorization == b"Bearer x"
     finally:
@@ -735,8 +660,7 @@ def test_the_effective_configuration_masks_the_database_password() -> None:
 @pytest_twisted.ensureDeferred
 async def test_websocket_requests_stop_once_their_key_is_revoked(auth: Harness) -> None:
     key, secret = await new_key(auth)
-    endpoint = WebSocketEndpoint(auth.settings, auth.upstream, auth.clock, RequestValidator())
-    endpoint.keys = auth.keys
+    endpoint = auth.gateway.websockets
     sent: list[dict[str, Any]] = []
     header = f"Bearer {secret}".encode()
     session = endpoint.session(lambda raw: sent.append(json.loads(raw)), "/api/ws", header, "x")

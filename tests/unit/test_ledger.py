@@ -18,13 +18,14 @@ import treq
 from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.logger import LogEvent, formatEvent
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from mpcapi.admin import main as admin_main
-from mpcapi.http.app import Gateway
+from mpcapi.exchange import Exchange
 from mpcapi.ledger.ledger import (
     FLUSH_EVERY,
     REDACTED,
@@ -37,8 +38,10 @@ from mpcapi.ledger.ledger import (
 from mpcapi.policy.keys import ClientKey, KeyAuthenticator, create_key
 from mpcapi.storage.database import SyncDatabase
 from mpcapi.storage.usagerows import STATEMENT_SIZES, insert_rows
-from tests.databases import database_url
-from tests.unit.conftest import CHAT, COMPLETION, Harness, answer, json_body, make_harness
+from tests.support.databases import database_url
+from tests.support.exchanges import exchange
+from tests.support.gateway import CHAT, COMPLETION, Harness, answer, json_body, make_harness
+from tests.support.reactor import sleep
 
 REPO = Path(__file__).resolve().parents[2]
 ADMIN = "admin-secret"
@@ -148,21 +151,21 @@ class Ledgered:
 
 
 def ledgered(db: SyncDb, tmp_path: Path, keys: bool = False, **settings: Any) -> Ledgered:
-    harness = make_harness(**{"admin_key": ADMIN, **settings})
+    clock = Clock()
     ledger = UsageLedger(
         db,  # type: ignore[arg-type]
-        harness.clock,
+        clock,
         PRICES,
         str(tmp_path / "spool.jsonl"),
         in_thread,
-        log_bodies=harness.settings.log_bodies,
+        log_bodies=settings.get("log_bodies", False),
     )
-    authenticator = KeyAuthenticator(db, harness.clock) if keys else None  # type: ignore[arg-type]
-    gateway = Gateway(
-        harness.settings, harness.upstream, harness.clock, keys=authenticator, ledger=ledger
+    authenticator = KeyAuthenticator(db, clock) if keys else None  # type: ignore[arg-type]
+    harness = make_harness(
+        clock=clock, keys=authenticator, ledger=ledger, **{"admin_key": ADMIN, **settings}
     )
-    recording = Recording(gateway.resource())
-    harness.client, harness.gateway = StubTreq(recording), gateway
+    recording = Recording(harness.gateway.resource())
+    harness.client = StubTreq(recording)
     ledger.startService()
     harness.clock.advance(1000)  # not at 0: times are measured from here
     return Ledgered(harness, ledger, db, recording)
@@ -177,23 +180,38 @@ def bearer(secret: str) -> dict[str, str]:
 
 def test_cost_from_litellm_price_table_or_unknown() -> None:
     used = {"prompt_tokens": 1000, "completion_tokens": 2000}
-    assert cost_of({**used, "model": "gpt-4o-mini", "cost_usd": 0.0042}, PRICES) == (
+    assert cost_of(exchange(**{**used, "model": "gpt-4o-mini", "cost_usd": 0.0042}), PRICES) == (
         0.0042,
         "litellm",
         1000,
         2000,
     )
-    cost, source, _, _ = cost_of({**used, "model": "gpt-4o-mini", "cost_usd": None}, PRICES)
+    cost, source, _, _ = cost_of(
+        exchange(**{**used, "model": "gpt-4o-mini", "cost_usd": None}), PRICES
+    )
     assert (source, cost) == ("price_table", pytest.approx(1000 * 0.15e-6 + 2000 * 0.6e-6))
-    cost, source, _, _ = cost_of({**used, "model": "claude-sonnet-4-20250514"}, PRICES)
+    cost, source, _, _ = cost_of(exchange(**{**used, "model": "claude-sonnet-4-20250514"}), PRICES)
     assert (source, cost) == ("price_table", pytest.approx(1000 * 3e-6 + 2000 * 15e-6))
-    assert cost_of({**used, "model": "my-own-llama"}, PRICES) == (0.0, "unknown_model", 1000, 2000)
-    assert cost_of({**used, "model": "gpt-4o", "cache": "hit"}, PRICES)[:2] == (0.0, "cache")
-    assert cost_of({"model": "gpt-4o", "status": 400}, PRICES) == (0.0, "none", 0, 0)
+    assert cost_of(exchange(**{**used, "model": "my-own-llama"}), PRICES) == (
+        0.0,
+        "unknown_model",
+        1000,
+        2000,
+    )
+    assert cost_of(exchange(**{**used, "model": "gpt-4o", "cache": "hit"}), PRICES)[:2] == (
+        0.0,
+        "cache",
+    )
+    assert cost_of(exchange(**{"model": "gpt-4o", "status": 400}), PRICES) == (0.0, "none", 0, 0)
     # A stream that ended before its usage chunk: completion tokens = text chunks received.
-    cost, source, prompt, completion = cost_of({"model": "gpt-4o", "content_deltas": 4}, PRICES)
+    cost, source, prompt, completion = cost_of(
+        exchange(**{"model": "gpt-4o", "content_deltas": 4}), PRICES
+    )
     assert (source, prompt, completion, cost) == ("deltas_price_table", 0, 4, pytest.approx(4e-5))
-    assert cost_of({"model": "x", "content_deltas": 4}, PRICES)[1] == "deltas_unknown_model"
+    assert (
+        cost_of(exchange(**{"model": "x", "content_deltas": 4}), PRICES)[1]
+        == "deltas_unknown_model"
+    )
 
 
 def test_price_table_names_and_files(tmp_path: Path) -> None:
@@ -413,8 +431,8 @@ async def test_budget_spent_is_429(db: SyncDb, tmp_path: Path, log_events: list[
     _, other = db.sync.run(create_key, "bob")
     # Spent earlier (by another instance, say): 0.00085, over 80 %.
     earlier = setup.ledger.row_of(
-        {"request_id": "earlier", "key_id": key.id, "model": "gpt-4o-mini", "prompt_tokens": 1,
-         "completion_tokens": 1, "cost_usd": 0.00085}
+        exchange(request_id="earlier", key_id=key.id, model="gpt-4o-mini", prompt_tokens=1,
+                 completion_tokens=1, cost_usd=0.00085, route="/chat/completions")
     )  # fmt: skip
     db.sync.run(insert_rows, [earlier])
     first = await harness.post("/api/chat/completions", CHAT, headers=bearer(secret))
@@ -498,10 +516,11 @@ async def test_usage_needs_the_admin_key_and_honours_the_period(
 # --- batching and the spool file ----------------------------------------------------------------
 
 
-def fields(n: int, **more: Any) -> dict[str, Any]:
-    return {"request_id": f"req-{n}", "method": "POST", "route": "/chat/completions",
-            "model": "gpt-4o-mini", "status": 200, "duration_ms": 5.0, "prompt_tokens": 1,
-            "completion_tokens": 1, "cost_usd": 0.001, **more}  # fmt: skip
+def fields(n: int, **more: Any) -> Exchange:
+    return exchange(**{"request_id": f"req-{n}", "method": "POST", "route": "/chat/completions",
+                       "model": "gpt-4o-mini", "status": 200, "duration_ms": 5.0,
+                       "prompt_tokens": 1, "completion_tokens": 1, "cost_usd": 0.001,
+                       **more})  # fmt: skip
 
 
 def bare_ledger(db: SyncDb, tmp_path: Path, **options: Any) -> tuple[UsageLedger, Any]:
@@ -604,9 +623,8 @@ def test_any_batch_goes_in_with_a_few_statement_sizes(sqlite_db: SyncDb) -> None
 
 
 def test_each_flush_reports_the_rows_waiting(sqlite_db: SyncDb, tmp_path: Path) -> None:
-    ledger, clock = bare_ledger(sqlite_db, tmp_path, batch=100)
     reported: list[int] = []
-    ledger.report_queue = reported.append
+    ledger, clock = bare_ledger(sqlite_db, tmp_path, batch=100, report_queue=reported.append)
     for n in range(7):
         ledger.observe(fields(n))
     clock.advance(FLUSH_EVERY)
@@ -615,20 +633,38 @@ def test_each_flush_reports_the_rows_waiting(sqlite_db: SyncDb, tmp_path: Path) 
     assert len(sqlite_db.rows()) == 7
 
 
-def test_the_gateway_feeds_the_ledgers_reports_to_its_metrics(
-    sqlite_db: SyncDb, tmp_path: Path
+@pytest_twisted.ensureDeferred
+async def test_the_composition_root_feeds_the_ledgers_reports_to_its_metrics(
+    tmp_path: Path,
 ) -> None:
-    setup = ledgered(sqlite_db, tmp_path)
-    setup.ledger.report_queue(5)
-    setup.ledger.report_refused(2)
-    value = setup.harness.gateway.metrics.registry.get_sample_value
-    assert value("mpcapi_usage_queue_rows") == 5
-    assert value("mpcapi_usage_rows_refused_total") == 2
+    """The ledger that ``build_gateway`` opens tells the metrics its queue and refusals."""
+    harness = make_harness(
+        usage_ledger=True,
+        database_url=f"sqlite:///{tmp_path / 'usage.db'}",
+        usage_spool=str(tmp_path / "spool.jsonl"),
+    )
+    ledger = harness.parts.ledger
+    assert ledger is not None
+    value = harness.parts.metrics.registry.get_sample_value
+    ledger.startService()
+    try:
+        ledger.observe(fields(1))
+        ledger.observe(fields(2, prompt_tokens=2**63))  # no database can take it
+        harness.clock.advance(FLUSH_EVERY)  # the flusher reports the rows waiting, then flushes
+        assert value("mpcapi_usage_queue_rows") == 2
+        for _ in range(1000):
+            if ledger.refused:
+                break
+            await sleep(0.01)
+    finally:
+        await ledger.stopService()
+        ledger.database.close()
+    assert value("mpcapi_usage_rows_refused_total") == 1
 
 
 def test_only_openai_routes_are_usage(sqlite_db: SyncDb, tmp_path: Path) -> None:
     ledger, clock = bare_ledger(sqlite_db, tmp_path)
-    ledger.observe({**fields(1), "route": None, "path": "/health"})
+    ledger.observe(fields(1, route=None, path="/health"))
     ledger.observe(fields(2))
     clock.advance(FLUSH_EVERY)
     assert [row["request_id"] for row in sqlite_db.rows()] == ["req-2"]

@@ -9,16 +9,13 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from treq.testing import StubTreq
 from twisted.internet import defer, task
 from twisted.internet import reactor as global_reactor
 from twisted.internet.task import Clock
-from twisted.web.http_headers import Headers
 
-from mpcapi.config.settings import Settings
 from mpcapi.errors import ApiError
-from mpcapi.http.app import Gateway
-from mpcapi.policy.keys import ClientKey
+from mpcapi.exchange import Exchange
+from mpcapi.policy.admission import Admission
 from mpcapi.policy.limits import (
     Counts,
     MemoryWindows,
@@ -28,22 +25,17 @@ from mpcapi.policy.limits import (
     limit_headers,
 )
 from mpcapi.storage.redis import RedisClient, RedisUnavailableError, parse_redis_url
-from tests.unit.conftest import (
+from tests.support.gateway import (
     CHAT,
-    UPSTREAM,
-    FakeLiteLLM,
     Harness,
+    header,
     json_body,
     make_harness,
 )
+from tests.support.keys import bearer, client_key, keyed_harness
+from tests.support.redisserver import SHARED_REDIS_URL as REDIS_URL
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 TRIO = ("limit", "remaining", "reset")
-
-
-def header(response: Any, name: str) -> str | None:
-    values = response.headers.getRawHeaders(name)
-    return values[0] if values else None
 
 
 def limit_of(response: Any, kind: str = "requests") -> dict[str, str | None]:
@@ -173,45 +165,6 @@ async def test_both_limits_report_both_trios() -> None:
 # --- per key, per address -------------------------------------------------------------------
 
 
-class FakeKeys:
-    """Stands in for ``KeyAuthenticator``: the bearer token is the key id."""
-
-    def __init__(self, keys: dict[str, ClientKey]) -> None:
-        self.keys = keys
-
-    async def authenticate(self, authorization: bytes | str | None) -> ClientKey:
-        raw = authorization.decode() if isinstance(authorization, bytes) else authorization
-        return self.keys[(raw or "").removeprefix("Bearer ")]
-
-
-def client_key(key_id: str, user: str, rpm: int | None = None, tpm: int | None = None) -> ClientKey:
-    return ClientKey(
-        id=key_id,
-        key_hash="x",
-        user=user,
-        rpm=rpm,
-        tpm=tpm,
-        budget_usd=None,
-        created_at="2026-11-27T00:00:00Z",
-    )
-
-
-def keyed_harness(keys: dict[str, ClientKey], **overrides: Any) -> Harness:
-    """``make_harness`` with client keys on (the auth part faked)."""
-    settings = Settings(
-        **{"litellm_base_url": UPSTREAM, "litellm_api_key": "sk-ours", "auth": "keys", **overrides}
-    )
-    harness = make_harness(**overrides)
-    gateway = Gateway(settings, harness.upstream, harness.clock, keys=FakeKeys(keys))  # type: ignore[arg-type]
-    harness.client = StubTreq(gateway.resource())
-    harness.settings = settings
-    return harness
-
-
-def bearer(token: str) -> dict[str, Any]:
-    return {"headers": {"Authorization": f"Bearer {token}"}}
-
-
 @pytest_twisted.ensureDeferred
 async def test_limits_are_per_key_and_a_key_may_set_its_own() -> None:
     keys = {
@@ -246,32 +199,19 @@ async def test_a_keys_own_tokens_limit_counts_its_tokens() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_without_auth_the_limit_is_per_client_address() -> None:
-    fake, clock = FakeLiteLLM(), Clock()
-    limiter = RateLimiter(MemoryWindows(clock), default_rpm=1, default_tpm=0)
-
-    class Request:
-        def __init__(self, host: str) -> None:
-            self.host = host
-            self.responseHeaders = Headers()
-
-        def getClientAddress(self) -> Any:
-            return type("Address", (), {"host": self.host})()
-
-    from mpcapi.http.requestlog import RequestRecord
-
-    requests = [Request("10.0.0.1"), Request("10.0.0.2"), Request("10.0.0.1")]
+    clock = Clock()
+    admission = Admission(RateLimiter(MemoryWindows(clock), default_rpm=1, default_tpm=0))
+    exchanges = [Exchange("r", 0.0, client=host) for host in ("10.0.0.1", "10.0.0.2", "10.0.0.1")]
     outcomes = []
-    for request in requests:
-        request._mpcapi_record = RequestRecord(request_id="r", started=0.0)  # type: ignore[attr-defined]
+    for exchange in exchanges:
         try:
-            await limiter.check(request)  # type: ignore[arg-type]
-            outcomes.append("ok")
-        except Exception as error:
-            outcomes.append(type(error).__name__ + str(getattr(error, "status", "")))
-    assert outcomes == ["ok", "ok", "ApiError429"]
-    assert requests[1].responseHeaders.getRawHeaders(b"x-ratelimit-remaining-requests") == [b"0"]
-    assert limiter.refused == 1
-    del fake
+            headers = await admission.admit(exchange, None)
+            outcomes.append(headers["x-ratelimit-remaining-requests"])
+        except ApiError as error:
+            outcomes.append(str(error.status))
+    assert outcomes == ["0", "0", "429"]
+    assert [exchange.rate_limited for exchange in exchanges] == [False, False, True]
+    assert admission.limiter.refused == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -458,8 +398,8 @@ async def test_redis_windows_end_when_redis_expires_them(redis_client: RedisClie
 
 @pytest_twisted.ensureDeferred
 async def test_redis_down_fails_open_counted_and_fast() -> None:
-    from tests.redisserver import closed_port
-    from tests.unit.test_redis import driven
+    from tests.support.ports import closed_port
+    from tests.support.reactor import driven
 
     with closed_port() as port:
         harness = make_harness(default_rpm=1, redis_url=f"redis://127.0.0.1:{port}")
@@ -470,7 +410,7 @@ async def test_redis_down_fails_open_counted_and_fast() -> None:
             assert limit_of(response) == dict.fromkeys(TRIO)  # no counts to report
         assert codes == [200, 200, 200]
         assert harness.gateway is not None
-        redis = harness.gateway.redis
+        redis = harness.parts.redis
         assert redis is not None
         assert (redis.outages, redis.errors, redis.available) == (1, 3, False)
         with pytest.raises(RedisUnavailableError):

@@ -18,7 +18,8 @@ from mpcapi.metrics.metrics import (
     quantile,
     route_of,
 )
-from tests.unit.conftest import CHAT, COMPLETION, Harness, answer, make_harness
+from tests.support.exchanges import exchange
+from tests.support.gateway import CHAT, COMPLETION, Harness, answer, make_harness
 
 ADMIN = "admin-secret-1"
 BEARER = {"Authorization": f"Bearer {ADMIN}"}
@@ -130,14 +131,18 @@ def test_streams_cache_and_rate_limits_feed_their_families() -> None:
     metrics = Metrics(Clock())
     base = {"method": "POST", "path": "/api/chat/completions", "route": "/chat/completions"}
     stream = {**base, "status": 200, "duration_ms": 900.0, "model": "gpt-4o-mini"}
-    metrics.observe({**stream, "upstream_status": 200, "ttfb_ms": 120.0, "events": 5})
-    metrics.observe({**stream, "upstream_status": 200, "ttfb_ms": 80.0, "events": 2,
-                     "outcome": "upstream_error"})  # fmt: skip
-    metrics.observe({**stream, "upstream_status": 200, "events": 0, "outcome": "timeout"})
-    metrics.observe({**base, "status": 200, "duration_ms": 1.0, "cache": "hit"})
-    metrics.observe({**base, "status": 200, "duration_ms": 1.0, "cache": "miss"})
-    metrics.observe({**base, "status": 429, "duration_ms": 1.0, "rate_limited": True})
-    metrics.observe({**base, "status": 502, "duration_ms": 1.0, "upstream_failure": "unreachable"})
+    metrics.observe(exchange(**{**stream, "upstream_status": 200, "ttfb_ms": 120.0, "events": 5}))
+    metrics.observe(exchange(**{**stream, "upstream_status": 200, "ttfb_ms": 80.0, "events": 2,
+                     "outcome": "upstream_error"}))  # fmt: skip
+    metrics.observe(
+        exchange(**{**stream, "upstream_status": 200, "events": 0, "outcome": "timeout"})
+    )
+    metrics.observe(exchange(**{**base, "status": 200, "duration_ms": 1.0, "cache": "hit"}))
+    metrics.observe(exchange(**{**base, "status": 200, "duration_ms": 1.0, "cache": "miss"}))
+    metrics.observe(exchange(**{**base, "status": 429, "duration_ms": 1.0, "rate_limited": True}))
+    metrics.observe(
+        exchange(**{**base, "status": 502, "duration_ms": 1.0, "upstream_failure": "unreachable"})
+    )
     value = metrics.registry.get_sample_value
     ttfb = {"route": "/chat/completions"}
     assert value("mpcapi_time_to_first_byte_seconds_count", ttfb) == 2
@@ -203,12 +208,12 @@ def test_model_labels_are_capped_and_only_served_models_get_one() -> None:
     metrics = Metrics(Clock())
     base = {"method": "POST", "path": "/api/chat/completions", "route": "/chat/completions"}
     for number in range(MODEL_LABEL_LIMIT + 10):
-        metrics.observe({**base, "status": 200, "duration_ms": 1, "model": f"model-{number}",
-                         "upstream_status": 200})  # fmt: skip
-    metrics.observe({**base, "status": 404, "duration_ms": 1, "model": "made-up",
-                     "upstream_status": 404})  # fmt: skip
-    metrics.observe({**base, "status": 200, "duration_ms": 1, "model": "model-3",
-                     "upstream_status": 200})  # fmt: skip
+        served = {"status": 200, "duration_ms": 1, "upstream_status": 200}
+        metrics.observe(exchange(**base, **served, model=f"model-{number}"))
+    metrics.observe(exchange(**{**base, "status": 404, "duration_ms": 1, "model": "made-up",
+                     "upstream_status": 404}))  # fmt: skip
+    metrics.observe(exchange(**{**base, "status": 200, "duration_ms": 1, "model": "model-3",
+                     "upstream_status": 200}))  # fmt: skip
     models = {
         sample.labels["model"]
         for family in metrics.registry.collect()
@@ -227,17 +232,21 @@ def test_model_labels_are_capped_and_only_served_models_get_one() -> None:
 
 
 def test_routes_and_methods_are_operations_not_raw_input() -> None:
-    assert route_of({"route": "/chat/completions", "path": "/v1/chat/completions"}) == (
+    assert route_of(exchange(**{"route": "/chat/completions", "path": "/v1/chat/completions"})) == (
         "/chat/completions"
     )
-    assert route_of({"route": None, "path": "/v1/chat/completions"}) == "/chat/completions"
-    assert route_of({"route": None, "path": "/api/embeddings"}) == "/embeddings"
-    assert route_of({"route": None, "path": "/health/ready"}) == "/health/ready"
-    assert route_of({"route": None, "path": "/dashboard/dashboard.js"}) == "/dashboard"
-    assert route_of({"route": None, "path": "/api/x/" + "y" * 500}) == "other"
-    assert route_of({"route": None, "path": "/wp-login.php"}) == "other"
+    assert (
+        route_of(exchange(**{"route": None, "path": "/v1/chat/completions"})) == "/chat/completions"
+    )
+    assert route_of(exchange(**{"route": None, "path": "/api/embeddings"})) == "/embeddings"
+    assert route_of(exchange(**{"route": None, "path": "/health/ready"})) == "/health/ready"
+    assert route_of(exchange(**{"route": None, "path": "/dashboard/dashboard.js"})) == "/dashboard"
+    assert route_of(exchange(**{"route": None, "path": "/api/x/" + "y" * 500})) == "other"
+    assert route_of(exchange(**{"route": None, "path": "/wp-login.php"})) == "other"
     metrics = Metrics(Clock())
-    metrics.observe({"method": "BREW", "path": "/coffee", "status": 405, "duration_ms": 1})
+    metrics.observe(
+        exchange(**{"method": "BREW", "path": "/coffee", "status": 405, "duration_ms": 1})
+    )
     value = metrics.registry.get_sample_value("mpcapi_requests_total", {
         "route": "other", "method": "other", "status": "405", "model": ""})  # fmt: skip
     assert value == 1
@@ -291,10 +300,10 @@ def test_stats_tell_users_and_top_keys_apart() -> None:
         "upstream_status": 200,
     }
     for _ in range(3):
-        metrics.observe({**base, "user": "alice", "key_id": "k1", "prompt_tokens": 10,
-                         "completion_tokens": 5, "cost_usd": 0.5})  # fmt: skip
-    metrics.observe({**base, "user": "bob", "key_id": "k2", "prompt_tokens": 1,
-                     "completion_tokens": 1, "cost_usd": 0.25})  # fmt: skip
+        metrics.observe(exchange(**{**base, "user": "alice", "key_id": "k1", "prompt_tokens": 10,
+                         "completion_tokens": 5, "cost_usd": 0.5}))  # fmt: skip
+    metrics.observe(exchange(**{**base, "user": "bob", "key_id": "k2", "prompt_tokens": 1,
+                     "completion_tokens": 1, "cost_usd": 0.25}))  # fmt: skip
     stats = metrics.stats()
     assert stats["users"]["alice"] == {"requests": 3, "errors": 0, "prompt_tokens": 30,
                                        "completion_tokens": 15, "cost_usd": 1.5}  # fmt: skip

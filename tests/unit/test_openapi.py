@@ -15,7 +15,7 @@ from mpcapi.config.settings import Settings
 from mpcapi.http.app import Gateway
 from mpcapi.openai.openapi import BODY_SCHEMAS, build_document, expand_rule, routes_of
 from mpcapi.openai.validation import SCHEMA_NAMES, load_schema
-from tests.unit.conftest import Harness, json_body
+from tests.support.gateway import Harness, json_body
 
 
 def schema_validator(document: dict[str, Any], name: str) -> Draft202012Validator:

@@ -22,7 +22,7 @@ from twisted.web._newclient import ResponseNeverReceived
 
 from mpcapi.http.app import Gateway
 from mpcapi.openai.openapi import routes_of
-from tests.unit.conftest import CHAT, Harness, make_harness
+from tests.support.gateway import CHAT, Harness, make_harness
 
 ROUTES = sorted({(path, method) for path, method, _ in routes_of(Gateway.app.url_map)})
 KNOWN_PATHS = sorted({path.replace("{name}", "index.html") for path, _ in ROUTES})

@@ -7,62 +7,29 @@ stop and restart it.
 from __future__ import annotations
 
 import time
-from collections.abc import Coroutine, Iterator
-from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task
-from twisted.logger import globalLogPublisher
+from twisted.internet import reactor
 
 from mpcapi.storage.redis import RedisClient, RedisUnavailableError
-from tests.redisserver import REDIS_SERVER, closed_port, redis_server
+from tests.support.logs import captured
+from tests.support.ports import closed_port
+from tests.support.reactor import sleep
+from tests.support.redisserver import REDIS_SERVER, redis_server
 
-T = TypeVar("T")
 needs_redis_server = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server not installed")
-
-
-@contextmanager
-def captured(namespace: str) -> Iterator[list[dict[str, Any]]]:
-    events: list[dict[str, Any]] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        if event.get("log_namespace") == namespace:
-            events.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    try:
-        yield events
-    finally:
-        globalLogPublisher.removeObserver(observe)
-
-
-async def sleep(seconds: float) -> None:
-    await task.deferLater(reactor, seconds, lambda: None)
-
-
-async def driven(harness: Any, pending: Coroutine[Any, Any, T]) -> T:
-    """Await a StubTreq request whose handling waits on the real reactor (Redis): StubTreq
-    delivers the response only when flushed, so flush until it is there, and move the
-    harness's clock on (it times the Redis commands)."""
-    result = defer.ensureDeferred(pending)
-    for _ in range(500):
-        harness.flush()
-        if result.called:
-            break
-        await sleep(0.01)
-        harness.clock.advance(0.05)  # the gateway's clock times the Redis commands
-    return await result
 
 
 @needs_redis_server
 @pytest_twisted.ensureDeferred
 async def test_an_outage_is_logged_once_fails_fast_and_recovers() -> None:
     with redis_server() as server, captured("mpcapi.redis") as events:
-        client = RedisClient(server.url, reactor, prefix="t:", connect_timeout=0.5)
         reported: list[bool] = []  # what the metrics are told: whether an outage began
-        client.report_failure = reported.append
+        client = RedisClient(
+            server.url, reactor, prefix="t:", connect_timeout=0.5, report_failure=reported.append
+        )
         try:
             await client.set("t:k", b"v", expire=60)
             assert await client.get("t:k") == b"v"

@@ -13,17 +13,15 @@ from typing import Any
 import attrs
 import pytest_twisted
 from twisted.internet import defer, reactor
-from twisted.internet.task import Clock
 from twisted.logger import LogEvent, formatEvent
 
 from mpcapi.config.settings import load_settings
 from mpcapi.policy.keys import revoke_key
 from mpcapi.runtime.logs import LogSwitch
 from mpcapi.runtime.reload import Reloader, ReloadOnSighup
-from mpcapi.upstream.balancer import HealthProbe
-from tests.databases import sqlite_url
-from tests.unit.conftest import CHAT, UPSTREAM, Harness, make_harness, never_answer
-from tests.unit.test_keys import call, database_of, new_key
+from tests.support.databases import sqlite_url
+from tests.support.gateway import CHAT, UPSTREAM, Harness, make_harness, never_answer
+from tests.support.keys import call, database_of, new_key
 
 
 def write_toml(path: Path, **values: Any) -> None:
@@ -59,14 +57,7 @@ def running(tmp_path: Path, **values: Any) -> Running:
 
     settings = load()
     harness = make_harness(**attrs.asdict(settings))
-    assert harness.gateway is not None
-    reloader = Reloader(
-        load=load,
-        run_blocking=defer.maybeDeferred,
-        settings=harness.gateway.settings,
-        gateway=harness.gateway,
-        probe=HealthProbe(harness.upstream.balancer, harness.upstream.probe_all, Clock(), 5.0),
-    )
+    reloader = Reloader(load=load, run_blocking=defer.maybeDeferred, live=harness.parts.live)
     return Running(harness, reloader, config)
 
 
@@ -97,7 +88,7 @@ async def test_a_reload_applies_upstreams_limits_timeout_and_key(
     assert {seen.header("authorization") for seen in forwarded} == {"Bearer sk-rotated"}
     assert r.harness.upstream.timeout == 30.0
     assert r.harness.gateway is not None
-    settings = r.harness.gateway.settings
+    settings = r.harness.settings
     assert settings.port == 3000, "the port needs a restart: the running one stays"
     assert settings.default_rpm == 2
 
@@ -121,7 +112,7 @@ async def test_a_bad_configuration_is_one_error_and_the_running_one_stays(
     tmp_path: Path, log_events: list[LogEvent]
 ) -> None:
     r = running(tmp_path, default_rpm=5)
-    before = r.reloader.settings
+    before = r.reloader.live.current
     r.rewrite(default_rpm=1, litellm_timeout=-1)
     assert await r.reload() is False
     r.config.write_text("default_rpm = \n")
@@ -136,8 +127,7 @@ async def test_a_bad_configuration_is_one_error_and_the_running_one_stays(
     assert "not valid TOML" in texts[1]
     assert "litellm_base_url" in texts[2]
     assert all("\n" not in text for text in texts)
-    assert r.reloader.settings is before
-    assert r.harness.gateway is not None and r.harness.gateway.settings is before
+    assert r.reloader.live.current is before
     answers = [await r.chat() for _ in range(2)]
     assert [a.code for a in answers] == [200, 200]
     assert answers[0].headers.getRawHeaders(b"x-ratelimit-limit-requests") == [b"5"]
@@ -224,7 +214,7 @@ async def test_without_our_observer_the_log_format_needs_a_restart(
     r = running(tmp_path, log_format="text")
     r.rewrite(log_format="json")
     assert await r.reload() is True
-    assert r.reloader.settings.log_format == "text"
+    assert r.reloader.live.current.log_format == "text"
     assert any("needs a restart" in m and "log_format" in m for m in messages(log_events))
 
 

@@ -22,8 +22,9 @@ from mpcapi.ledger.ledger import PriceTable, UsageLedger, read_lines
 from mpcapi.ledger.rowwriter import Inserted, RowWriter, WriterGoneError
 from mpcapi.storage.database import Database, DatabaseError, SyncDatabase
 from mpcapi.storage.usagerows import COLUMNS, URL_ENV, serve, store
-from tests.databases import database_url, sqlite_url
-from tests.unit.test_redis import captured
+from tests.support.databases import database_url, sqlite_url
+from tests.support.exchanges import exchange
+from tests.support.logs import captured
 
 REFUSED_URL = "postgresql://postgres@127.0.0.1:1/test?connect_timeout=2"
 
@@ -241,11 +242,15 @@ async def test_the_ledger_inserts_through_its_writer_and_stops_it_when_it_stops(
     ledger.startService()
     try:
         for n in range(3):
-            ledger.observe({"request_id": f"r{n}", "route": "/chat/completions", "status": 200})
+            ledger.observe(
+                exchange(**{"request_id": f"r{n}", "route": "/chat/completions", "status": 200})
+            )
         await ledger.flush()
         pid = writer._process.pid
         assert [r[0] for r in stored(url)] == ["r0", "r1", "r2"]
-        ledger.observe({"request_id": "r3", "route": "/chat/completions", "status": 200})
+        ledger.observe(
+            exchange(**{"request_id": "r3", "route": "/chat/completions", "status": 200})
+        )
     finally:
         await ledger.stopService()
         database.close()
@@ -263,6 +268,7 @@ async def test_the_ledger_sets_a_refused_row_aside_and_stores_the_rest(tmp_path:
     url = sqlite_url(tmp_path)
     database = Database(url, reactor)
     spool = tmp_path / "spool.jsonl"
+    reported: list[int] = []
     ledger = UsageLedger(
         database,
         reactor,
@@ -270,17 +276,16 @@ async def test_the_ledger_sets_a_refused_row_aside_and_stores_the_rest(tmp_path:
         str(spool),
         lambda fn, *args: threads.deferToThread(fn, *args),
         writer=RowWriter(reactor, url),
+        report_refused=reported.append,  # what the metrics are told
     )
-    reported: list[int] = []  # what the metrics are told
-    ledger.report_refused = reported.append
     base = {"route": "/chat/completions", "status": 200}
     ledger.startService()
     with captured("mpcapi.ledger") as events:
         try:
-            ledger.observe({**base, "request_id": "before"})
-            ledger.observe({**base, "request_id": "poison", "prompt_tokens": 2**63})
+            ledger.observe(exchange(**{**base, "request_id": "before"}))
+            ledger.observe(exchange(**{**base, "request_id": "poison", "prompt_tokens": 2**63}))
             await ledger.flush()
-            ledger.observe({**base, "request_id": "after"})
+            ledger.observe(exchange(**{**base, "request_id": "after"}))
             await ledger.flush()
         finally:
             await ledger.stopService()

@@ -25,11 +25,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
+from mpcapi.config.live import LiveSettings
 from mpcapi.config.settings import Settings
-from mpcapi.http.app import Gateway
 from mpcapi.http.site import ConnectionCap, GatewaySite, LimitedRequest
+from mpcapi.runtime.build import build_gateway
 from mpcapi.upstream.client import LiteLLMClient, make_http_client, make_pool
-from tests.unit.conftest import CHAT
+from tests.support.gateway import CHAT
 
 LIMIT = 64 * 1024
 
@@ -123,18 +124,15 @@ async def running() -> AsyncIterator[Any]:
         upstream = SlowUpstream(mode)
         upstream_port = reactor.listenTCP(0, Site(upstream), interface="127.0.0.1")  # type: ignore[attr-defined]
         base = f"http://127.0.0.1:{upstream_port.getHost().port}"
-        settings = Settings(litellm_base_url=base, max_body_bytes=LIMIT, **overrides)
-        pool = make_pool(reactor, settings)
-        client = LiteLLMClient(
-            base_url=base,
-            api_key="",
-            http=make_http_client(reactor, pool, settings),
-            clock=reactor,  # type: ignore[arg-type]
-            timeout=settings.litellm_timeout,
+        settings = Settings(
+            litellm_base_url=base, max_body_bytes=LIMIT, usage_ledger=False, **overrides
         )
-        gateway = Gateway(settings, client, reactor)  # type: ignore[arg-type]
+        pool = make_pool(reactor, settings)
+        http = make_http_client(reactor, pool, settings)
+        parts = build_gateway(settings, reactor, reactor, http)  # type: ignore[arg-type]
+        client = parts.upstream
         site = GatewaySite(
-            gateway.resource(),
+            parts.gateway.resource(),
             settings.max_body_bytes,
             settings.read_timeout,
             timeout=settings.idle_timeout,
@@ -425,11 +423,9 @@ async def test_cookies_set_by_litellm_are_never_sent_back() -> None:
     settings = Settings(litellm_base_url=base)
     pool = make_pool(reactor, settings)
     client = LiteLLMClient(
-        base_url=base,
-        api_key="",
-        http=make_http_client(reactor, pool, settings),
-        clock=reactor,  # type: ignore[arg-type]
-        timeout=5,
+        LiveSettings(settings),
+        make_http_client(reactor, pool, settings),
+        reactor,  # type: ignore[arg-type]
     )
     try:
         for _ in range(3):

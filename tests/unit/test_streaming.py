@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 from twisted.web.server import NOT_DONE_YET, Request
 
 from mpcapi.http.streaming import error_event
-from tests.unit.conftest import CHAT, Harness, answer, json_body, make_harness
+from tests.support.gateway import CHAT, Harness, answer, json_body, make_harness
 
 STREAM = {**CHAT, "stream": True}
 
@@ -175,7 +175,8 @@ async def test_usage_of_a_stream_comes_from_its_last_chunk() -> None:
     harness.fake.routes[("POST", "/chat/completions")] = stream
     response = await harness.post("/api/chat/completions", STREAM)
     assert (await response.content()).endswith(final + b"data: [DONE]\n\n")
-    (fields,) = seen
-    assert (fields["prompt_tokens"], fields["completion_tokens"]) == (9, 5)
-    assert fields["events"] == 3
-    assert fields["outcome"] == "completed"
+    (exchange,) = seen
+    assert exchange.usage is not None
+    assert (exchange.usage.prompt_tokens, exchange.usage.completion_tokens) == (9, 5)
+    assert exchange.events == 3
+    assert exchange.outcome == "completed"

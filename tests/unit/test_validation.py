@@ -18,7 +18,7 @@ from mpcapi.openai.validation import (
     load_schema,
     parse_json_object,
 )
-from tests.unit.conftest import CHAT, Harness, json_body
+from tests.support.gateway import CHAT, Harness, json_body
 from tests.unit.test_properties import bodies, near_valid_documents
 
 USER = [{"role": "user", "content": "Hi"}]

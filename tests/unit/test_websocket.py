@@ -11,21 +11,19 @@ import pytest
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address
-from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.test import iosim
 from twisted.web.server import NOT_DONE_YET, Request
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
-from mpcapi.config.settings import Settings
 from mpcapi.errors import ApiError
-from mpcapi.http.app import Gateway
 from mpcapi.http.site import GatewaySite
 from mpcapi.openai.sse import SSEEvent, SSEParser
 from mpcapi.upstream.client import LiteLLMClient
-from mpcapi.websocket.endpoint import GatewayWebSocketProtocol, WebSocketSession, same_host
-from tests.unit.conftest import CHAT, UPSTREAM, FakeLiteLLM, answer, never_answer
+from mpcapi.websocket.protocol import GatewayWebSocketProtocol, same_host
+from mpcapi.websocket.session import WebSocketSession
+from tests.support.gateway import CHAT, answer, make_harness, never_answer
 
 SERVER = IPv4Address("TCP", "127.0.0.1", 3000)
 CLIENT = IPv4Address("TCP", "127.0.0.1", 50000)
@@ -99,20 +97,14 @@ def whole_stream(*events: bytes) -> Any:
 class Harness:
     """The daemon's Site in memory; ``connect`` opens a WebSocket to it."""
 
-    def __init__(self, **overrides: Any) -> None:
-        values = {"litellm_base_url": UPSTREAM, "litellm_api_key": "sk-ours", **overrides}
-        self.settings = Settings(**values)
-        self.fake = FakeLiteLLM()
-        self.clock = Clock()
-        self.upstream_stub = StubTreq(self.fake)
-        upstream = LiteLLMClient(
-            base_url=self.settings.litellm_base_url,
-            api_key=self.settings.litellm_api_key,
-            http=self.upstream_stub,
-            clock=self.clock,
-            timeout=self.settings.litellm_timeout,
-        )
-        self.gateway = Gateway(self.settings, upstream, self.clock)
+    def __init__(self, keys: Any = None, **overrides: Any) -> None:
+        built = make_harness(keys=keys, **overrides)
+        self.parts = built.parts
+        self.settings = built.settings
+        self.fake = built.fake
+        self.clock = built.clock
+        self.upstream_stub = built.upstream_stub
+        self.gateway = built.gateway
         # No timers of autobahn's own: they would run on the global reactor.
         self.gateway.websockets.factory.setProtocolOptions(
             openHandshakeTimeout=0, closeHandshakeTimeout=0, autoPingInterval=0, autoPingTimeout=0
@@ -704,7 +696,7 @@ def test_same_host() -> None:
 
 
 def test_socket_options(harness: Harness) -> None:
-    factory = Gateway(harness.settings, harness.gateway.upstream, harness.clock).websockets.factory
+    factory = make_harness().gateway.websockets.factory
     assert factory.autoPingInterval > 0
     assert factory.autoPingTimeout > 0
     assert factory.maxMessagePayloadSize > 2 * harness.settings.max_body_bytes
@@ -818,11 +810,10 @@ def test_tokens_of_socket_streams_count_against_the_tokens_limit() -> None:
 
 
 def test_socket_limits_are_per_client_key() -> None:
-    from tests.unit.test_limits import FakeKeys, client_key
+    from tests.support.keys import FakeKeys, client_key
 
-    harness = Harness(auth="keys", default_rpm=1)
     keys = {"key_a": client_key("key_a", "alice"), "key_b": client_key("key_b", "bob", rpm=2)}
-    harness.gateway.websockets.keys = FakeKeys(keys)  # type: ignore[assignment]
+    harness = Harness(keys=FakeKeys(keys), auth="keys", default_rpm=1)
     harness.fake.routes[("POST", "/chat/completions")] = whole_stream(b"data: [DONE]\n\n")
     alice = harness.open(headers={"Authorization": "Bearer key_a"})
     bob = harness.open(headers={"Authorization": "Bearer key_b"})
@@ -851,7 +842,7 @@ def test_an_answer_stored_over_http_is_replayed_on_the_socket(logged: list[LogEv
     assert messages[-1] == {"id": "a", "type": "done", "cache": "hit"}
     assert (logged[-1]["status"], logged[-1]["cache"]) == (200, "hit")
     assert logged[-1]["upstream_status"] is None
-    assert harness.gateway.cache.hits == 1
+    assert harness.parts.cache.hits == 1
 
 
 def test_a_socket_answer_is_stored_and_replayed_to_the_socket_and_http() -> None:

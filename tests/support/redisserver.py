@@ -11,23 +11,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from tests.support.ports import free_port
+
 REDIS_SERVER = shutil.which("redis-server")
 SHARED_REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextmanager
-def closed_port() -> Iterator[int]:
-    """A port that is bound but does not listen: connections are refused at once."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield sock.getsockname()[1]
 
 
 class RedisServer:

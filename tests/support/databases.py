@@ -21,7 +21,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.redisserver import free_port
+from tests.support.ports import free_port
 
 POSTGRES_URL = os.environ.get(
     "MPCAPI_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
