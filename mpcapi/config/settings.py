@@ -470,14 +470,15 @@ class Settings:
         return values
 
 
-def _read_toml(path: str) -> dict[str, Any]:
+def _read_toml(path: str, source: str) -> dict[str, Any]:
+    """The TOML file at ``path``; errors name ``source``, where the path came from."""
     try:
         with open(path, "rb") as handle:
             document = tomllib.load(handle)
     except OSError as error:
-        raise ConfigError(f"{CONFIG_ENV}: cannot read {path}: {error.strerror}") from None
+        raise ConfigError(f"{source}: cannot read {path}: {error.strerror}") from None
     except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{CONFIG_ENV}: {path} is not valid TOML: {error}") from None
+        raise ConfigError(f"{source}: {path} is not valid TOML: {error}") from None
     known = {setting.name for setting in SETTINGS}
     unknown = sorted(set(document) - known)
     if unknown:
@@ -501,7 +502,8 @@ def load_settings(
     environment = {**from_dotenv, **(os.environ if environ is None else environ)}
 
     config_file = options.get("config") or environment.get(CONFIG_ENV) or ""
-    from_file = _read_toml(config_file) if config_file else {}
+    source = "--config" if options.get("config") else CONFIG_ENV
+    from_file = _read_toml(config_file, source) if config_file else {}
 
     values: dict[str, Any] = {}
     for setting in SETTINGS:

@@ -131,6 +131,7 @@ def test_litellm_passwords_are_masked(tmp_path: Path) -> None:
         ({"MPCAPI_MAX_BODY_BYTES": "0"}, {}, "MPCAPI_MAX_BODY_BYTES:"),
         ({"MPCAPI_LOG_FORMAT": "xml"}, {}, "MPCAPI_LOG_FORMAT:"),
         ({"MPCAPI_CONFIG": "/nonexistent/mpcapi.toml"}, {}, "MPCAPI_CONFIG:"),
+        ({}, {"config": "/nonexistent/mpcapi.toml"}, "--config:"),
     ],
 )
 def test_bad_values_name_their_key(
@@ -157,4 +158,14 @@ def test_unknown_and_malformed_file(tmp_path: Path) -> None:
         load(tmp_path, config=str(config))
     config.write_text("port = \n")
     with pytest.raises(ConfigError, match="^MPCAPI_CONFIG: .* is not valid TOML"):
+        load(tmp_path, {"MPCAPI_CONFIG": str(config)})
+
+
+def test_a_malformed_file_is_named_by_the_option_that_gave_it(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("port = \n")
+    with pytest.raises(ConfigError, match=r"^--config: .*c\.toml is not valid TOML"):
         load(tmp_path, config=str(config))
+    # The option wins over the variable, and so does its name in the message.
+    with pytest.raises(ConfigError, match=r"^--config: .*c\.toml is not valid TOML"):
+        load(tmp_path, {"MPCAPI_CONFIG": str(tmp_path / "other.toml")}, config=str(config))
