@@ -12,7 +12,7 @@ from twisted.python import usage
 from mpcapi.config.settings import CONFIG_ENV, SETTINGS, ConfigError, Settings, load_settings
 from mpcapi.ledger.ledger import PriceTable
 from mpcapi.runtime.build import build_service, build_supervisor
-from mpcapi.runtime.workers import WORKER_FD_ENV, WORKER_ID_ENV
+from mpcapi.runtime.workers import WORKER_FD_ENV, WORKER_ID_ENV, listening_socket
 from mpcapi.storage.database import DatabaseError, migrate_now
 
 
@@ -54,6 +54,17 @@ def read_settings(options: Options) -> Settings:
     return settings
 
 
+def check_listening(settings: Settings) -> None:
+    """Stop start-up with one line when the port cannot be had (in use, not permitted):
+    twistd would only find out once running, and print a traceback."""
+    try:
+        listening_socket(settings.host, settings.port).close()
+    except OSError as error:
+        reason = (error.strerror or str(error)).lower()
+        sys.stderr.write(f"mpcapi: cannot listen on {settings.host}:{settings.port}: {reason}\n")
+        raise SystemExit(2) from None
+
+
 def makeService(options: Options) -> IService:
     try:
         settings = read_settings(options)
@@ -74,6 +85,7 @@ def makeService(options: Options) -> IService:
         return build_service(
             settings, reactor, worker, int(inherited_fd), lambda: read_settings(options)
         )
+    check_listening(settings)
     if settings.workers > 1:
         return build_supervisor(settings, reactor, options.as_argv())
     return build_service(settings, reactor, load=lambda: read_settings(options))

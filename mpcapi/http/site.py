@@ -17,7 +17,7 @@ from typing import Any
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
-from twisted.web import http, server
+from twisted.web import server
 from twisted.web.resource import IResource
 
 from mpcapi.errors import (
@@ -29,12 +29,12 @@ from mpcapi.errors import (
 )
 from mpcapi.http.headers import SECURITY_HEADERS
 from mpcapi.http.requestlog import REQUEST_FORMAT, request_id_for
+from mpcapi.internals import HookedChannel, HookedRequest, negotiating_protocol
 
 log = Logger(namespace="mpcapi.request")
 
 # Lingering close: how long we keep draining a refused body so the client reads our 413.
 _DRAIN_SECONDS = 2
-_ANSWERED = "_mpcapi_answered"  # set on a channel once refuse_connection answered on it
 # What a finished request no longer needs (see LimitedRequest._cleanup).
 _SERVED_ONLY_THE_ANSWER = (
     "requestHeaders",
@@ -46,7 +46,7 @@ _SERVED_ONLY_THE_ANSWER = (
 )
 
 
-class LimitedRequest(server.Request):
+class LimitedRequest(HookedRequest):
     """A request held to its site's limits: body size (413) and time to arrive (408)."""
 
     _received = 0
@@ -82,14 +82,13 @@ class LimitedRequest(server.Request):
         self._stop_read_timer()
         super().connectionLost(reason)
 
-    def _cleanup(self) -> None:
+    def cleaned_up(self) -> None:
         """After the answer and every finish callback (logs, metrics, ledger), drop what only
         served the answer, as Twisted drops the channel and the body here. Klein's and
         werkzeug's per-request closures hold the request in reference cycles that only the
         garbage collector frees; without its headers and adapters, the request leaves it
         a few objects to walk instead of some sixty (7 % of a request's time at 32
         connections went to collections)."""
-        super()._cleanup()
         for name in _SERVED_ONLY_THE_ANSWER:
             self.__dict__.pop(name, None)
 
@@ -112,7 +111,9 @@ class LimitedRequest(server.Request):
         self._refused = True
         self._stop_read_timer()
         self.requestHeaders.removeHeader(b"expect")  # no "100 Continue" after our answer
-        refuse_connection(self.channel, error, request_id_for(self))
+        channel = self.channel
+        assert isinstance(channel, HookedChannel)  # GatewaySite's requests come on ours
+        refuse_connection(channel, error, request_id_for(self))
 
 
 def error_response(error: ApiError, request_id: str) -> bytes:
@@ -134,23 +135,25 @@ def error_response(error: ApiError, request_id: str) -> bytes:
     return status + b"".join(b"%s: %s\r\n" % item for item in headers.items()) + b"\r\n" + body
 
 
-def refuse_connection(channel: Any, error: ApiError, request_id: str) -> None:
+def refuse_connection(channel: HookedChannel, error: ApiError, request_id: str) -> None:
     """Answer ``error`` straight on ``channel``'s transport, once, then drain what the client
     still sends for a moment and close the connection; log it like a request."""
-    if getattr(channel, _ANSWERED, False):
+    if channel.answered_directly:
         return
-    setattr(channel, _ANSWERED, True)
+    channel.answered_directly = True
     answer = error_response(error, request_id)
-    channel.transport.write(answer)
+    transport: Any = channel.transport
+    transport.write(answer)
     channel.persistent = False
-    channel._buffer = b""  # nothing the client sent after this is parsed
-    channel.dataReceived = _discard
+    channel.stop_parsing()  # nothing the client sent after this is parsed
+    channel.dataReceived = _discard  # type: ignore[method-assign]
     channel.setTimeout(_DRAIN_SECONDS)
-    channel.transport.loseWriteConnection()
+    transport.loseWriteConnection()
+    method, path = channel.request_line()
     log.info(
         REQUEST_FORMAT,
-        method=getattr(channel, "_command", b"").decode("ascii", "replace"),
-        path=getattr(channel, "_path", b"").decode("utf-8", "replace"),
+        method=method.decode("ascii", "replace"),
+        path=path.decode("utf-8", "replace"),
         status=error.status,
         duration_ms=0,
         request_id=request_id,
@@ -165,11 +168,11 @@ def _discard(data: bytes) -> None:
     """Reads and forgets what a refused client is still sending."""
 
 
-class GatewayChannel(http.HTTPChannel):
+class GatewayChannel(HookedChannel):
     """Twisted's HTTP/1.1 connection; a request that is not valid HTTP (request line,
     header block, chunked framing, ``Content-Length``) gets a 400 in the seed's shape."""
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
+    def bad_request(self) -> None:
         # Twisted's own: a bare "400 Bad Request", no body, no request id.
         self._refuse(bad_request("the request is not valid HTTP/1.1"))
 
@@ -188,7 +191,7 @@ class GatewayChannel(http.HTTPChannel):
 
 def _gateway_channel(site: GatewaySite) -> Any:
     """What ``HTTPFactory`` builds by default, with our channel inside."""
-    return http._GenericHTTPChannelProtocol(GatewayChannel())
+    return negotiating_protocol(GatewayChannel())
 
 
 class GatewaySite(server.Site):

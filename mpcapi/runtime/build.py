@@ -12,7 +12,6 @@ reload changes reaches the parts through ``LiveSettings`` (see ``mpcapi.config.l
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -225,11 +224,7 @@ def build_supervisor(settings: Settings, reactor: Any, options: Sequence[str]) -
     """Bind the port once and run ``settings.workers`` workers on it; ``options`` are the
     command-line options that were given, passed on to every worker."""
     service = GatewayService(settings, reactor, worker="supervisor")
-    try:
-        sock = listening_socket(settings.host, settings.port)
-    except OSError as error:
-        sys.stderr.write(f"mpcapi: cannot listen on {settings.host}:{settings.port}: {error}\n")
-        raise SystemExit(1) from None
+    sock = listening_socket(settings.host, settings.port)  # checked at start (mpcapi.tap)
     grace = settings.drain_seconds + 5  # the workers' drain, then they are killed
     WorkerPool(reactor, sock, settings.workers, worker_argv(options), grace).setServiceParent(
         service

@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 
 from mpcapi.http.site import ConnectionCap
+from mpcapi.internals import channel_of, forget_exit_signal
 
 log = Logger(namespace="mpcapi.lifecycle")
 
@@ -36,8 +37,7 @@ class Drain(Service):
 
     def _close_idle(self) -> None:
         for wrapper in list(self._connections.protocols):
-            # Site's protocol is a negotiating shell around the HTTPChannel.
-            channel = getattr(wrapper.wrappedProtocol, "_channel", wrapper.wrappedProtocol)
+            channel = channel_of(wrapper.wrappedProtocol)
             if isinstance(channel, HTTPChannel):
                 channel.persistent = False  # close after the answer in progress
                 if not channel.requests:
@@ -52,6 +52,4 @@ class Drain(Service):
             log.warn("drain time is up; closing {count} connections", count=left)
         else:
             log.info("drained: every request in flight has finished")
-        # twistd would re-raise SIGTERM at exit (status 143); a finished drain is a clean stop.
-        if hasattr(self._reactor, "_exitSignal"):
-            self._reactor._exitSignal = None
+        forget_exit_signal(self._reactor)  # a finished drain is a clean stop

@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mpcapi.config.settings import LISTEN_BACKLOG
+from mpcapi.internals import forget_exit_signal
 from mpcapi.metrics.metrics import (
     MULTIPROC_ENV,
     forget_process,
@@ -174,9 +175,7 @@ class WorkerPool(Service):
         return done
 
     def _exit_cleanly(self) -> None:
-        # Workers drained and gone: a clean stop (twistd would re-raise SIGTERM otherwise).
-        if hasattr(self._reactor, "_exitSignal"):
-            self._reactor._exitSignal = None
+        forget_exit_signal(self._reactor)  # workers drained and gone: a clean stop
 
     def _kill_all(self) -> None:
         for worker in list(self._workers.values()):

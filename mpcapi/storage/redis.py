@@ -31,6 +31,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger, LogPublisher
 
 from mpcapi.config.settings import Settings
+from mpcapi.internals import redis_pool_size
 
 log = Logger(namespace="mpcapi.redis")
 
@@ -296,8 +297,7 @@ class RedisClient:
         return result
 
     def _has_connection(self) -> bool:
-        factory = getattr(self._handler, "_factory", None)
-        return bool(getattr(factory, "size", 1))
+        return bool(redis_pool_size(self._handler))
 
     def _failed(self, error: Exception) -> None:
         self.errors += 1

@@ -31,7 +31,6 @@ from twisted.python.failure import Failure
 from twisted.web.client import (
     URI,
     Agent,
-    BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     PotentialDataLoss,
     RequestNotSent,
@@ -39,8 +38,6 @@ from twisted.web.client import (
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
-    _HTTP11ClientFactory,
-    _StandardEndpointFactory,
 )
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
@@ -49,6 +46,7 @@ from zope.interface import implementer
 from mpcapi.config.live import LiveSettings
 from mpcapi.config.settings import Settings, without_password
 from mpcapi.errors import ApiError, bad_gateway, gateway_timeout
+from mpcapi.internals import quiet_pool, standard_endpoints
 from mpcapi.upstream.balancer import Balancer, Upstream, split_urls
 
 # Headers of LiteLLM's answers that reach the client: what SDKs need to parse and back off.
@@ -101,12 +99,6 @@ class BytesProducer:
         pass
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """No "Starting factory" log line for every new upstream connection."""
-
-    noisy = False
-
-
 def make_pool(reactor: Any, settings: Settings) -> HTTPConnectionPool:
     """A persistent pool sized for many concurrent requests to one LiteLLM."""
     pool = HTTPConnectionPool(reactor, persistent=True)
@@ -114,8 +106,7 @@ def make_pool(reactor: Any, settings: Settings) -> HTTPConnectionPool:
     # Below uvicorn's 5 s keep-alive, so we rarely reuse a connection LiteLLM is closing.
     pool.cachedConnectionTimeout = 4
     pool.retryAutomatically = True
-    pool._factory = _QuietClientFactory
-    return pool
+    return quiet_pool(pool)
 
 
 @implementer(IAgentEndpointFactory)
@@ -123,9 +114,7 @@ class _ReusedEndpoints:
     """One endpoint per upstream host: Agent would build (and IDNA-encode) one per request."""
 
     def __init__(self, reactor: Any, connect_timeout: float) -> None:
-        self._standard = _StandardEndpointFactory(
-            reactor, BrowserLikePolicyForHTTPS(), connect_timeout, None
-        )
+        self._standard = standard_endpoints(reactor, connect_timeout)
         self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:

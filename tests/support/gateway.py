@@ -14,7 +14,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from mpcapi.config.settings import Settings
-from mpcapi.exchange import ExchangeObserver
+from mpcapi.exchange import Exchange, ExchangeObserver
 from mpcapi.http.app import Gateway
 from mpcapi.ledger.ledger import UsageLedger
 from mpcapi.policy.keys import KeyAuthenticator
@@ -178,6 +178,13 @@ def make_harness(
     )
     client = StubTreq(parts.gateway.resource())
     return Harness(fake, clock, upstream_stub, client, parts)
+
+
+def observed_harness(*observers: ExchangeObserver) -> tuple[Harness, list[Exchange]]:
+    """A harness whose gateway reports finished exchanges to ``observers`` and a list."""
+    seen: list[Exchange] = []
+    harness = make_harness(observers=[*observers, seen.append])
+    return harness, seen
 
 
 def header(response: Any, name: str) -> str | None:

@@ -16,7 +16,7 @@ import pytest
 from mpcapi.config.__main__ import main
 from mpcapi.config.settings import CONFIG_ENV, SETTINGS
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 VARIABLES = {CONFIG_ENV, *(variable for setting in SETTINGS for variable in setting.env)}
 
 

@@ -18,8 +18,8 @@ from mpcapi.openai.validation import (
     load_schema,
     parse_json_object,
 )
+from tests.support.documents import bodies, near_valid_documents
 from tests.support.gateway import CHAT, Harness, json_body
-from tests.unit.test_properties import bodies, near_valid_documents
 
 USER = [{"role": "user", "content": "Hi"}]
 

@@ -9,7 +9,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 
-from mpcapi.exchange import Exchange, ExchangeObserver
+from mpcapi.exchange import Exchange
 from mpcapi.http.requestlog import new_request_id
 from mpcapi.openai.usage import Usage
 from tests.support.gateway import (
@@ -20,6 +20,7 @@ from tests.support.gateway import (
     json_body,
     make_harness,
     never_answer,
+    observed_harness,
 )
 
 
@@ -345,13 +346,6 @@ async def test_bug_is_500_without_traceback(harness: Harness) -> None:
 
 
 # What every finished request reports (log event fields, and the observers' input)
-
-
-def observed_harness(*observers: ExchangeObserver) -> tuple[Harness, list[Exchange]]:
-    """A harness whose gateway reports finished exchanges to ``observers`` and a list."""
-    seen: list[Exchange] = []
-    harness = make_harness(observers=[*observers, seen.append])
-    return harness, seen
 
 
 @pytest_twisted.ensureDeferred

@@ -162,7 +162,7 @@ def test_error_event_is_one_sse_event() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_usage_of_a_stream_comes_from_its_last_chunk() -> None:
-    from tests.unit.test_app import observed_harness
+    from tests.support.gateway import observed_harness
 
     harness, seen = observed_harness()
     usage = {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}

@@ -10,7 +10,7 @@ import pytest
 
 from mpcapi.config.settings import SETTINGS, ConfigError, Settings, load_settings
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def load(tmp_path: Path, environ: dict[str, str] | None = None, **options: Any) -> Settings:

@@ -43,7 +43,7 @@ from tests.support.exchanges import exchange
 from tests.support.gateway import CHAT, COMPLETION, Harness, answer, json_body, make_harness
 from tests.support.reactor import sleep
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 ADMIN = "admin-secret"
 PRICES = PriceTable.load()
 MOCK_USAGE = {"prompt_tokens": 8, "completion_tokens": 9, "total_tokens": 17, "cost": 6.6e-06}

@@ -1,0 +1,1 @@
+"""Unit tests of mpcapi.http (the HTTP face)."""

@@ -1,0 +1,1 @@
+"""Unit tests of mpcapi.metrics (metrics and dashboard)."""

@@ -1,0 +1,1 @@
+"""Unit tests of mpcapi.runtime (the running daemon)."""

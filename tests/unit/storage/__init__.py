@@ -1,0 +1,1 @@
+"""Unit tests of mpcapi.storage (databases and Redis)."""

@@ -1,0 +1,1 @@
+"""Unit tests of mpcapi.upstream (the LiteLLM client)."""

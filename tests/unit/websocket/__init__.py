@@ -1,0 +1,1 @@
+"""Unit tests of mpcapi.websocket (the WebSocket endpoint)."""
