@@ -25,9 +25,10 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from mpcapi.config.settings import CONFIG_ENV, ConfigError, load_settings
-from mpcapi.ledger.ledger import GROUPS, summary_document, summary_query, usage_summary, usage_table
-from mpcapi.policy.keys import ClientKey, create_key, list_keys, revoke_key
+from mpcapi.ledger.report import summary_document, summary_query, usage_table
 from mpcapi.storage.database import DatabaseError, SyncDatabase, driver_errors
+from mpcapi.storage.keys import ClientKey, create_key, list_keys, revoke_key
+from mpcapi.storage.usage import GROUPS, usage_summary
 
 PROG = "mpcapi-admin"
 

@@ -16,7 +16,7 @@ import attrs
 from mpcapi.openai.usage import Usage
 
 if TYPE_CHECKING:
-    from mpcapi.policy.keys import ClientKey
+    from mpcapi.storage.keys import ClientKey
 
 WEBSOCKET = "WS"  # the method of a WebSocket message's exchange
 

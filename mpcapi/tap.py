@@ -10,7 +10,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from mpcapi.config.settings import CONFIG_ENV, SETTINGS, ConfigError, Settings, load_settings
-from mpcapi.ledger.ledger import PriceTable
+from mpcapi.ledger.prices import PriceTable
 from mpcapi.runtime.build import build_service, build_supervisor
 from mpcapi.runtime.workers import WORKER_FD_ENV, WORKER_ID_ENV, listening_socket
 from mpcapi.storage.database import DatabaseError, migrate_now

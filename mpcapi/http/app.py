@@ -176,7 +176,7 @@ class Gateway:
         request.setHeader(b"content-type", JSON_CONTENT_TYPE)
         return with_length(request, self.openapi)
 
-    # Observability (see mpcapi.metrics and mpcapi.dashboard)
+    # Observability (see mpcapi.metrics)
 
     @app.route("/metrics", methods=["GET"])
     def scrape(self, request: Request) -> bytes:

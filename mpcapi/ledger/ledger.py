@@ -4,35 +4,29 @@
   finished call into a row and puts it on a bounded in-memory queue. Nothing
   else happens on the request's path.
 - A flusher (every ``FLUSH_EVERY`` seconds, or at once when ``BATCH`` rows wait) inserts the
-  queued rows through the writer process (``mpcapi.rowwriter``; without one, through
+  queued rows through the writer process (``mpcapi.ledger.rowwriter``; without one, through
   ``Database``'s thread). When the database is unreachable the
   rows go to an append-only spool file (JSON lines, written in the thread pool) and are
   replayed into the database once it answers again; the insert ignores a request id that is
   already there, so a replay is idempotent. The outage is logged once, and once when it ends.
   A full queue also sends rows to the spool file: memory stays bounded. A row the database
-  refuses while it answers (see ``mpcapi.usagerows``) is not retried, which would hold back
-  every later row: it is logged and kept in a file beside the spool (``refused_path_of``).
+  refuses while it answers (see ``mpcapi.storage.usagerows``) is not retried, which would hold
+  back every later row: it is logged and kept in a file beside the spool (``ledger.spool``).
 - Cost: LiteLLM's (``x-litellm-response-cost``, or ``usage.cost`` in a stream's usage chunk)
-  when it gave one; otherwise tokens times the price table (``etc/prices.toml``; the daemon
+  when it gave one; otherwise tokens times the price table (``ledger.prices``; the daemon
   ships a copy as ``mpcapi/data/prices.toml``, ``MPCAPI_PRICES`` overrides it); a model that
   is not in the table costs 0 and is flagged ``unknown_model``. ``cost_source`` says which.
 - Budgets: ``check_budget`` refuses (429) a key whose spend (the sum of its ledger rows,
   shared by every instance through the database, read at most every ``SPEND_FRESH_FOR``
   seconds, plus the rows of this process not stored yet) has reached its ``budget_usd``.
-- ``usage_summary``: requests, errors, tokens and cost per model, user, key or day (for
-  ``GET /api/usage`` and ``mpcapi-admin usage``).
+- ``report``: requests, errors, tokens and cost per model, user, key or day (for
+  ``GET /api/usage`` and ``mpcapi-admin usage``; the SQL is ``mpcapi.storage.usage``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import re
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -42,14 +36,19 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mpcapi.errors import ApiError, bad_request
+from mpcapi.ledger.bodies import stored_body
+from mpcapi.ledger.prices import PriceTable, cost_of
+from mpcapi.ledger.report import summary_document, summary_query
 from mpcapi.ledger.rowwriter import RowWriter
-from mpcapi.storage.database import Cursor, Database
+from mpcapi.ledger.spool import append_lines, read_lines, refused_path_of, remove_file
+from mpcapi.storage.database import Database
+from mpcapi.storage.usage import spend_of_key, usage_summary
 from mpcapi.storage.usagerows import insert_rows
 from mpcapi.timestamps import iso_millis
 
 if TYPE_CHECKING:
     from mpcapi.exchange import Exchange
-    from mpcapi.policy.keys import ClientKey
+    from mpcapi.storage.keys import ClientKey
 
 log = Logger(namespace="mpcapi.ledger")
 
@@ -61,310 +60,6 @@ RETRY_EVERY = 2.0  # seconds between attempts to reach a database that is down
 SPEND_FRESH_FOR = 2.5  # a key's spend is read again after this long ...
 SPEND_USABLE_FOR = 5.0  # ... in the background, and served stale at most this long
 BUDGET_WARNING = 0.8  # share of a budget that logs a warning (once per key and process)
-MAX_BODY_CHARS = 65_536  # stored bodies are cut there
-
-# --- prices -------------------------------------------------------------------------------------
-
-
-@attrs.frozen
-class Price:
-    """USD per 1,000,000 tokens."""
-
-    input: float
-    output: float
-
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.input + completion_tokens * self.output) / 1_000_000
-
-
-class PriceTable:
-    """Model name -> ``Price``; see etc/prices.toml for how names match."""
-
-    def __init__(self, prices: Mapping[str, Price]) -> None:
-        self.prices = dict(prices)
-        self._longest_first = sorted(self.prices, key=len, reverse=True)
-
-    @classmethod
-    def load(cls, path: str = "") -> PriceTable:
-        """The table of ``path``, or the one shipped with MPC-API; ``ValueError`` says what is
-        wrong with a file."""
-        try:
-            if path:
-                with open(path, "rb") as handle:
-                    document = tomllib.load(handle)
-            else:
-                text = resources.files("mpcapi").joinpath("data/prices.toml").read_text()
-                document = tomllib.loads(text)
-        except OSError as error:
-            raise ValueError(f"cannot read {path}: {error.strerror}") from None
-        except tomllib.TOMLDecodeError as error:
-            raise ValueError(f"{path or 'prices.toml'} is not valid TOML: {error}") from None
-        models = document.get("models")
-        if not isinstance(models, dict):
-            raise ValueError("the price table needs a [models] table")
-        prices = {}
-        for name, entry in models.items():
-            try:
-                price = Price(float(entry["input"]), float(entry["output"]))
-            except (TypeError, KeyError, ValueError):
-                raise ValueError(f"model {name!r} needs numbers input and output") from None
-            if price.input < 0 or price.output < 0:
-                raise ValueError(f"model {name!r} has a negative price")
-            prices[name] = price
-        return cls(prices)
-
-    def lookup(self, model: str | None) -> Price | None:
-        if not model:
-            return None
-        for name in (model, model.rsplit("/", 1)[-1]):
-            if name in self.prices:
-                return self.prices[name]
-            for known in self._longest_first:
-                if name.startswith(known + "-"):
-                    return self.prices[known]
-        return None
-
-
-def cost_of(exchange: Exchange, prices: PriceTable) -> tuple[float, str, int, int]:
-    """A finished request's cost in USD, how it was obtained, and its prompt and completion
-    tokens. Sources: ``litellm``, ``price_table``, ``unknown_model`` (cost 0), ``cache`` (a
-    cache hit costs nothing), ``none`` (no usage: errors, refusals, models lists), and for a
-    stream that ended before its usage chunk ``deltas_price_table`` /
-    ``deltas_unknown_model`` (completion tokens = text chunks received)."""
-    usage = exchange.usage
-    prompt = usage.prompt_tokens if usage is not None else 0
-    completion = usage.completion_tokens if usage is not None else 0
-    if exchange.cache == "hit":
-        return 0.0, "cache", prompt, completion
-    if usage is not None and usage.cost_usd is not None:
-        return usage.cost_usd, "litellm", prompt, completion
-    prefix = ""
-    if usage is None:
-        deltas = exchange.content_deltas
-        if not deltas:
-            return 0.0, "none", 0, 0
-        prefix, completion = "deltas_", deltas
-    price = prices.lookup(exchange.model)
-    if price is None:
-        return 0.0, prefix + "unknown_model", prompt, completion
-    return price.cost(prompt, completion), prefix + "price_table", prompt, completion
-
-
-# --- bodies -------------------------------------------------------------------------------------
-
-_SECRET_NAME = re.compile(
-    r"^(x-)?(api[_-]?key|apikey|authorization|password|passwd|secret|client[_-]?secret|"
-    r"access[_-]?token|refresh[_-]?token|id[_-]?token|auth[_-]?token|bearer|private[_-]?key)$",
-    re.IGNORECASE,
-)
-_SECRET_TEXT = re.compile(r"\b(sk-[A-Za-z0-9_-]{8,}|Bearer\s+\S+)", re.IGNORECASE)
-REDACTED = "[redacted]"
-
-
-def redact(value: Any) -> Any:
-    """A JSON value with credential-like fields and key-like strings replaced."""
-    if isinstance(value, dict):
-        return {
-            name: REDACTED if _SECRET_NAME.match(str(name)) else redact(item)
-            for name, item in value.items()
-        }
-    if isinstance(value, list):
-        return [redact(item) for item in value]
-    if isinstance(value, str):
-        return _SECRET_TEXT.sub(REDACTED, value)
-    return value
-
-
-def stored_body(raw: bytes | None) -> str | None:
-    """A body as stored: JSON re-serialised with credentials redacted, else redacted text;
-    cut at ``MAX_BODY_CHARS``."""
-    if raw is None:
-        return None
-    try:
-        text = json.dumps(redact(json.loads(raw)), separators=(",", ":"))
-    except ValueError:
-        text = _SECRET_TEXT.sub(REDACTED, raw.decode("utf-8", "replace"))
-    if len(text) > MAX_BODY_CHARS:
-        text = text[:MAX_BODY_CHARS] + "…[truncated]"
-    return text
-
-
-# --- time ---------------------------------------------------------------------------------------
-
-
-def parse_moment(text: str, name: str, end_of_day: bool = False) -> str:
-    """A query's time bound as stored text: ISO-8601 (a date, or a date and time with an
-    offset or Z; naive is UTC). A date alone as an upper bound means the end of that day.
-    ``ValueError`` names the parameter."""
-    raw = text.strip()
-    try:
-        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", raw):
-            moment = datetime.fromisoformat(raw).replace(tzinfo=UTC)
-            if end_of_day:
-                moment += timedelta(days=1)
-        else:
-            moment = datetime.fromisoformat(raw.replace("z", "Z"))
-            if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=UTC)
-    except ValueError:
-        raise ValueError(
-            f"{name}: {text!r} is not an ISO-8601 date or time (2026-11-27, 2026-11-27T10:00:00Z)"
-        ) from None
-    return iso_millis(moment.timestamp())
-
-
-# --- the SQL (functions of a database.Cursor) ---------------------------------------------------
-
-
-def spend_of_key(cursor: Cursor, key_id: str) -> float:
-    row = cursor.execute(
-        "SELECT COALESCE(SUM(cost_usd), 0) FROM usage WHERE key_id = ?", (key_id,)
-    ).fetchone()
-    return float(row[0]) if row is not None else 0.0
-
-
-GROUPS = {
-    "model": "model",
-    "user": '"user"',
-    "key": "key_id",
-    "day": "SUBSTR(created_at, 1, 10)",
-}
-
-
-def usage_summary(
-    cursor: Cursor, group_by: str, since: str | None = None, until: str | None = None
-) -> list[dict[str, Any]]:
-    """Requests, errors (status 400 and up), tokens and cost per group, between ``since``
-    (inclusive) and ``until`` (exclusive), stored-time text."""
-    expression = GROUPS[group_by]
-    where, params = [], []
-    if since:
-        where.append("created_at >= ?")
-        params.append(since)
-    if until:
-        where.append("created_at < ?")
-        params.append(until)
-    clause = f"WHERE {' AND '.join(where)}" if where else ""
-    rows = cursor.execute(
-        f"SELECT {expression}, COUNT(*), "
-        "COALESCE(SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END), 0), "
-        "COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
-        f"COALESCE(SUM(cost_usd), 0) FROM usage {clause} GROUP BY {expression}",
-        params,
-    ).fetchall()
-    groups = [
-        {
-            "group": row[0],
-            "requests": int(row[1]),
-            "errors": int(row[2]),
-            "prompt_tokens": int(row[3]),
-            "completion_tokens": int(row[4]),
-            "cost_usd": round(float(row[5]), 10),
-        }
-        for row in rows
-    ]
-    return sorted(groups, key=lambda g: (g["group"] is None, str(g["group"] or "")))
-
-
-def summary_document(
-    groups: list[dict[str, Any]], group_by: str, since: str | None, until: str | None
-) -> dict[str, Any]:
-    totals = {
-        name: sum(group[name] for group in groups)
-        for name in ("requests", "errors", "prompt_tokens", "completion_tokens")
-    }
-    totals["cost_usd"] = round(sum(group["cost_usd"] for group in groups), 10)
-    return {"group_by": group_by, "from": since, "to": until, "groups": groups, "totals": totals}
-
-
-def usage_table(document: Mapping[str, Any]) -> str:
-    """A summary as a text table (``mpcapi-admin usage``), with a total line."""
-    header = (document["group_by"], "requests", "errors", "prompt", "completion", "cost_usd")
-    lines = [
-        (
-            "-" if group["group"] is None else str(group["group"]),
-            str(group["requests"]),
-            str(group["errors"]),
-            str(group["prompt_tokens"]),
-            str(group["completion_tokens"]),
-            f"{group['cost_usd']:.6f}",
-        )
-        for group in document["groups"]
-    ]
-    totals = document["totals"]
-    lines.append(
-        (
-            "TOTAL",
-            str(totals["requests"]),
-            str(totals["errors"]),
-            str(totals["prompt_tokens"]),
-            str(totals["completion_tokens"]),
-            f"{totals['cost_usd']:.6f}",
-        )
-    )
-    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
-
-    def line(row: Sequence[str]) -> str:
-        first = row[0].ljust(widths[0])
-        return "  ".join(
-            [first, *(cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True))]
-        )
-
-    return "\n".join(line(row) for row in [header, *lines]) + "\n"
-
-
-def summary_query(arguments: Mapping[str, str | None]) -> tuple[str, str | None, str | None]:
-    """``group_by``, ``from`` and ``to`` of a usage query, checked; ``ValueError`` otherwise."""
-    group_by = (arguments.get("group_by") or "model").strip()
-    if group_by not in GROUPS:
-        raise ValueError(f"group_by: {group_by!r} is not one of: {', '.join(GROUPS)}")
-    since_text, until_text = arguments.get("from"), arguments.get("to")
-    since = parse_moment(since_text, "from") if since_text else None
-    until = parse_moment(until_text, "to", end_of_day=True) if until_text else None
-    if since and until and since >= until:
-        raise ValueError("from must be earlier than to")
-    return group_by, since, until
-
-
-# --- the spool file -----------------------------------------------------------------------------
-
-
-def refused_path_of(spool_path: str) -> str:
-    """Where refused rows are kept: beside the spool, ``usage-spool.refused.jsonl`` say."""
-    root, extension = os.path.splitext(spool_path)
-    return f"{root}.refused{extension or '.jsonl'}"
-
-
-def append_lines(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Append rows as JSON lines and make them durable (runs in a thread)."""
-    data = "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows)
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def read_lines(path: str) -> list[dict[str, Any]]:
-    """The rows of a spool file (a torn last line is skipped); runs in a thread."""
-    rows = []
-    try:
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(row, dict) and row.get("request_id"):
-                    rows.append(row)
-    except FileNotFoundError:
-        pass
-    return rows
-
-
-def remove_file(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
-
 
 # --- the ledger ---------------------------------------------------------------------------------
 
@@ -783,7 +478,7 @@ def open_ledger(
     clock: IReactorTime | None = None,
 ) -> UsageLedger:
     """The daemon's ledger: its database (shared with client keys when given), the price
-    table, a spool file per worker, inserts in a writer process (see mpcapi.rowwriter) and
+    table, a spool file per worker, inserts in a writer process (see mpcapi.ledger.rowwriter) and
     the rest in the reactor's thread pool."""
     from twisted.internet import threads
 

@@ -6,8 +6,9 @@ connections); in a process of its own it runs on another core and costs the reac
 the encoding of each batch.
 
 The daemon starts the writer on its first batch (``RowWriter.insert``): ``python -m
-mpcapi.usagerows`` (the program and its protocol are described there), with the database URL
-in its environment, never on its command line, where ``ps`` would show a password. A batch
+mpcapi.storage.usagerows`` (the program and its protocol are described there), with the
+database URL in its environment, never on its command line, where ``ps`` would show a
+password. A batch
 the database could not take fails with its reason: the ledger then spools the rows and
 retries later, as for any outage. Rows refused one by one while the database answers (and
 rows that cannot even be encoded) come back in ``Inserted.refused``, for the ledger to set

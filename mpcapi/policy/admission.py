@@ -17,7 +17,8 @@ from mpcapi.exchange import Exchange
 from mpcapi.policy.limits import RateLimiter
 
 if TYPE_CHECKING:
-    from mpcapi.policy.keys import ClientKey, KeyAuthenticator
+    from mpcapi.policy.keys import KeyAuthenticator
+    from mpcapi.storage.keys import ClientKey
 
 
 class Budgets(Protocol):

@@ -16,7 +16,7 @@ WebSocket messages (whose requests are all streamed) take the same step, ``looku
 WebSocket stores its complete streams (``answer_of_chunks``).
 
 Backends: ``MemoryStore`` (a least-recently-used dict bounded in bytes) and ``RedisStore``
-(shared by instances; ``SET … EX``; ``mpcapi.cacheindex`` tells it which lookups need not ask
+(shared by instances; ``SET … EX``; ``mpcapi.policy.cacheindex`` tells it which lookups need not ask
 Redis). A Redis error is a miss, never a failed request.
 """
 
@@ -112,7 +112,7 @@ class MemoryStore:
 STORE_DELAY = 0.02  # seconds an answer waits to go to Redis with others (see RedisStore)
 
 # Stores a batch of answers: KEYS are the keys, ARGV the values and their TTLs, in pairs,
-# then the channel and the announcement of the batch (see mpcapi.cacheindex). Announced
+# then the channel and the announcement of the batch (see mpcapi.policy.cacheindex). Announced
 # first: should a SET fail (out of memory), an answer announced but not stored costs a
 # lookup, whereas one stored but not announced would never be found by a complete index.
 _SET_ALL = """

@@ -5,8 +5,9 @@ A client key is ``sk-mpc-`` + 43 URL-safe characters. Only its SHA-256 (hex) is 
 its owner and its limits. The secret is shown once by ``mpcapi-admin keys create`` and never
 logged.
 
-- ``create_key``, ``list_keys``, ``revoke_key``, ``key_by_hash``: the SQL, as functions of a
-  cursor, run by ``Database.run`` (daemon) or ``SyncDatabase.run`` (``mpcapi-admin``).
+- ``ClientKey`` and the SQL (``create_key``, ``list_keys``, ``revoke_key``, ``key_by_hash``)
+  live in ``mpcapi.storage.keys``, run by ``Database.run`` (daemon) or ``SyncDatabase.run``
+  (``mpcapi-admin``).
 - ``KeyAuthenticator``: the daemon's check of ``Authorization: Bearer <key>``, with a short
   cache so that the database stays off the hot path: a known key is trusted for
   ``FRESH_FOR`` seconds, then served while it is re-read in the background up to
@@ -21,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-import secrets
 from collections import OrderedDict
 from typing import Any
 
@@ -33,12 +33,11 @@ from twisted.web.iweb import IRequest
 
 from mpcapi.config.settings import Settings
 from mpcapi.errors import ApiError
-from mpcapi.storage.database import Cursor, Database, utc_now
+from mpcapi.storage.database import Database
+from mpcapi.storage.keys import ClientKey, hash_key, key_by_hash
 
 log = Logger(namespace="mpcapi.keys")
 
-SECRET_PREFIX = "sk-mpc-"
-ID_PREFIX = "key_"
 # What a key can look like (token_urlsafe(32) is 43 characters); others are refused unseen.
 _KEY_SHAPE = re.compile(r"^sk-mpc-[A-Za-z0-9_-]{16,128}$")
 _BEARER = re.compile(r"^Bearer +(\S+) *$", re.IGNORECASE)
@@ -47,109 +46,6 @@ FRESH_FOR = 2.0  # seconds a looked-up key is trusted without asking the databas
 USABLE_FOR = 4.0  # ... and served while it is re-read in the background (< 5 s revocation)
 UNKNOWN_FOR = 1.0  # seconds an unknown key is refused without asking the database again
 MAX_CACHED = 10_000  # entries in each cache
-
-_COLUMNS = 'id, key_hash, "user", rpm, tpm, budget_usd, created_at, revoked_at'
-
-
-@attrs.frozen
-class ClientKey:
-    """One row of ``client_keys`` (the hash, not the key). ``rpm``/``tpm`` None: the daemon's
-    defaults apply; 0: unlimited. ``budget_usd`` None: no budget."""
-
-    id: str
-    key_hash: str = attrs.field(repr=False)
-    user: str
-    rpm: int | None
-    tpm: int | None
-    budget_usd: float | None
-    created_at: str
-    revoked_at: str | None = None
-
-    @property
-    def revoked(self) -> bool:
-        return self.revoked_at is not None
-
-    @property
-    def state(self) -> str:
-        return "revoked" if self.revoked else "active"
-
-    @classmethod
-    def from_row(cls, row: tuple[Any, ...]) -> ClientKey:
-        key_id, key_hash, user, rpm, tpm, budget, created_at, revoked_at = row
-        return cls(
-            id=key_id,
-            key_hash=key_hash,
-            user=user,
-            rpm=rpm,
-            tpm=tpm,
-            budget_usd=None if budget is None else float(budget),
-            created_at=created_at,
-            revoked_at=revoked_at,
-        )
-
-
-def hash_key(secret: str) -> str:
-    """The stored form of a key: SHA-256, hex."""
-    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
-
-
-def new_secret() -> str:
-    return SECRET_PREFIX + secrets.token_urlsafe(32)
-
-
-def new_key_id() -> str:
-    return ID_PREFIX + secrets.token_hex(4)
-
-
-# --- the SQL (functions of a database.Cursor) ---------------------------------------------------
-
-
-def create_key(
-    cursor: Cursor,
-    user: str,
-    rpm: int | None = None,
-    tpm: int | None = None,
-    budget_usd: float | None = None,
-) -> tuple[ClientKey, str]:
-    """Store a new key; return its row and the secret (which exists nowhere else)."""
-    secret = new_secret()
-    key = ClientKey(new_key_id(), hash_key(secret), user, rpm, tpm, budget_usd, utc_now())
-    for _ in range(5):  # ids are short: retry on the rare collision
-        if cursor.execute("SELECT 1 FROM client_keys WHERE id = ?", (key.id,)).fetchone() is None:
-            break
-        key = attrs.evolve(key, id=new_key_id())
-    cursor.execute(
-        f"INSERT INTO client_keys ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (key.id, key.key_hash, key.user, rpm, tpm, budget_usd, key.created_at, None),
-    )
-    return key, secret
-
-
-def list_keys(cursor: Cursor) -> list[ClientKey]:
-    rows = cursor.execute(f"SELECT {_COLUMNS} FROM client_keys ORDER BY created_at, id").fetchall()
-    return [ClientKey.from_row(row) for row in rows]
-
-
-def key_by_id(cursor: Cursor, key_id: str) -> ClientKey | None:
-    row = cursor.execute(f"SELECT {_COLUMNS} FROM client_keys WHERE id = ?", (key_id,)).fetchone()
-    return None if row is None else ClientKey.from_row(row)
-
-
-def key_by_hash(cursor: Cursor, key_hash: str) -> ClientKey | None:
-    row = cursor.execute(
-        f"SELECT {_COLUMNS} FROM client_keys WHERE key_hash = ?", (key_hash,)
-    ).fetchone()
-    return None if row is None else ClientKey.from_row(row)
-
-
-def revoke_key(cursor: Cursor, key_id: str) -> ClientKey | None:
-    """Revoke a key (once: a second revoke keeps the first time); None for an unknown id."""
-    cursor.execute(
-        "UPDATE client_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
-        (utc_now(), key_id),
-    )
-    return key_by_id(cursor, key_id)
-
 
 # --- the daemon's check -------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from mpcapi.storage.redis import RedisClient, RedisUnavailableError
 
 if TYPE_CHECKING:
     from mpcapi.exchange import Exchange
-    from mpcapi.policy.keys import ClientKey
+    from mpcapi.storage.keys import ClientKey
 
 log = Logger(namespace="mpcapi.limits")
 

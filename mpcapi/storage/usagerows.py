@@ -1,5 +1,5 @@
 """Usage rows into the database: the ledger's INSERT statements, and the writer process
-that runs them (``python -m mpcapi.usagerows``, started by ``mpcapi.rowwriter``).
+that runs them (``python -m mpcapi.storage.usagerows``, started by ``mpcapi.ledger.rowwriter``).
 
 The process reads batches of rows from its stdin, one JSON list per line, and answers each on
 its stdout, one JSON object per line: ``{"stored": n}`` (rows new to the database; a request id

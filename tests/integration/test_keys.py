@@ -19,7 +19,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from mpcapi.policy.keys import hash_key
+from mpcapi.storage.keys import hash_key
 from tests.support.databases import database_url
 
 from .harness import HELLO, MOCK_TEXT, Daemon, DaemonLauncher, FakeUpstream

@@ -19,7 +19,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from mpcapi.policy.keys import hash_key
+from mpcapi.storage.keys import hash_key
 from tests.support.databases import postgres_schema
 from tests.support.ports import closed_port, free_port
 from tests.support.redisserver import REDIS_SERVER, RedisServer

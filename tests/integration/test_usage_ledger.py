@@ -17,8 +17,8 @@ import openai
 import psycopg
 import pytest
 
-from mpcapi.policy.keys import create_key
 from mpcapi.storage.database import SyncDatabase
+from mpcapi.storage.keys import create_key
 from tests.support.databases import own_postgres, postgres_schema
 
 from .harness import HELLO, Daemon

@@ -6,7 +6,7 @@ from typing import Any
 
 from mpcapi.exchange import Exchange
 from mpcapi.openai.usage import Usage
-from mpcapi.policy.keys import ClientKey
+from mpcapi.storage.keys import ClientKey
 
 STARTED = 1000.0
 

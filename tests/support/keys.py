@@ -11,8 +11,8 @@ import attrs
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 
-from mpcapi.policy.keys import ClientKey, create_key
 from mpcapi.storage.database import Database
+from mpcapi.storage.keys import ClientKey, create_key
 from tests.support.gateway import CHAT, Harness, make_harness
 
 BODIES = {

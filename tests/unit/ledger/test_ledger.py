@@ -26,17 +26,13 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from mpcapi.admin import main as admin_main
 from mpcapi.exchange import Exchange
-from mpcapi.ledger.ledger import (
-    FLUSH_EVERY,
-    REDACTED,
-    PriceTable,
-    UsageLedger,
-    append_lines,
-    cost_of,
-    read_lines,
-)
-from mpcapi.policy.keys import ClientKey, KeyAuthenticator, create_key
+from mpcapi.ledger.bodies import REDACTED
+from mpcapi.ledger.ledger import FLUSH_EVERY, UsageLedger
+from mpcapi.ledger.prices import PriceTable, cost_of
+from mpcapi.ledger.spool import append_lines, read_lines
+from mpcapi.policy.keys import KeyAuthenticator
 from mpcapi.storage.database import SyncDatabase
+from mpcapi.storage.keys import ClientKey, create_key
 from mpcapi.storage.usagerows import STATEMENT_SIZES, insert_rows
 from tests.support.databases import database_url
 from tests.support.exchanges import exchange

@@ -18,8 +18,10 @@ import pytest_twisted
 from twisted.internet import reactor, threads
 from twisted.internet.utils import getProcessOutputAndValue
 
-from mpcapi.ledger.ledger import PriceTable, UsageLedger, read_lines
+from mpcapi.ledger.ledger import UsageLedger
+from mpcapi.ledger.prices import PriceTable
 from mpcapi.ledger.rowwriter import Inserted, RowWriter, WriterGoneError
+from mpcapi.ledger.spool import read_lines
 from mpcapi.storage.database import Database, DatabaseError, SyncDatabase
 from mpcapi.storage.usagerows import COLUMNS, URL_ENV, serve, store
 from tests.support.databases import database_url, sqlite_url

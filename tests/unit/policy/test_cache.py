@@ -21,7 +21,7 @@ from mpcapi.policy.cache import (
     cache_key,
     canonical_body,
 )
-from mpcapi.policy.keys import ClientKey
+from mpcapi.storage.keys import ClientKey
 from mpcapi.storage.redis import RedisClient, RedisUnavailableError
 from tests.support.gateway import CHAT, COMPLETION, Harness, answer, header, json_body, make_harness
 from tests.support.keys import bearer, client_key, keyed_harness

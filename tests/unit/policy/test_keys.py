@@ -24,19 +24,9 @@ from mpcapi.config.settings import Settings
 from mpcapi.errors import ApiError
 from mpcapi.exchange import Exchange
 from mpcapi.policy import keys as keys_module
-from mpcapi.policy.keys import (
-    FRESH_FOR,
-    UNKNOWN_FOR,
-    USABLE_FOR,
-    ClientKey,
-    create_key,
-    hash_key,
-    key_by_hash,
-    list_keys,
-    require_admin,
-    revoke_key,
-)
+from mpcapi.policy.keys import FRESH_FOR, UNKNOWN_FOR, USABLE_FOR, require_admin
 from mpcapi.storage.database import MIGRATIONS, Database, Migration, SyncDatabase
+from mpcapi.storage.keys import ClientKey, create_key, hash_key, key_by_hash, list_keys, revoke_key
 from tests.support.databases import database_url, sqlite_url
 from tests.support.gateway import CHAT, Harness, make_harness
 from tests.support.keys import Answer, call, database_of, new_key, settle

@@ -16,9 +16,9 @@ from twisted.internet import defer, reactor
 from twisted.logger import LogEvent, formatEvent
 
 from mpcapi.config.settings import load_settings
-from mpcapi.policy.keys import revoke_key
 from mpcapi.runtime.logs import LogSwitch
 from mpcapi.runtime.reload import Reloader, ReloadOnSighup
+from mpcapi.storage.keys import revoke_key
 from tests.support.databases import sqlite_url
 from tests.support.gateway import CHAT, UPSTREAM, Harness, make_harness, never_answer
 from tests.support.keys import call, database_of, new_key
