@@ -12,6 +12,7 @@ two disagree). The schemas use only keywords both read the same way.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable
 from importlib import resources
 from typing import Any
@@ -40,6 +41,8 @@ def _reject_constant(name: str) -> None:
 
 # Built once: json.loads with any option builds a new decoder per call.
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+# Digits enough for an integer outside 64 bits (2**63 has 19); json reads those exactly.
+_LONG_NUMBER = re.compile(rb"\d{19}")
 
 
 def _json_type(value: object) -> str:
@@ -49,10 +52,13 @@ def _json_type(value: object) -> str:
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
     """Decode ``body`` as a UTF-8 JSON object, or raise a 400 ``ApiError``."""
-    try:  # orjson takes every usual body in a microsecond or two ...
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError:  # ... and json (slower) judges and explains the rest
+    if _LONG_NUMBER.search(body):  # orjson reads an integer past 64 bits as a rounded float
         document = _parse_with_json(body)
+    else:
+        try:  # orjson takes every usual body in a microsecond or two ...
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError:  # ... and json (slower) judges and explains the rest
+            document = _parse_with_json(body)
     if not isinstance(document, dict):
         raise bad_request(f"request body must be a JSON object, not {_json_type(document)}")
     return document

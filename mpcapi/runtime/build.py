@@ -30,7 +30,8 @@ from mpcapi.http.app import Gateway
 from mpcapi.http.forwarding import Forwarding
 from mpcapi.http.site import ConnectionCap, GatewaySite
 from mpcapi.ledger.ledger import UsageLedger, open_ledger
-from mpcapi.metrics.metrics import MULTIPROC_ENV, Metrics
+from mpcapi.metrics.metrics import Metrics
+from mpcapi.metrics.multiprocess import MULTIPROC_ENV
 from mpcapi.openai.validation import RequestValidator
 from mpcapi.policy.admission import Admission
 from mpcapi.policy.cache import ResponseCache

@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 
 from mpcapi.config.settings import LISTEN_BACKLOG
 from mpcapi.internals import forget_exit_signal
-from mpcapi.metrics.metrics import (
+from mpcapi.metrics.multiprocess import (
     MULTIPROC_ENV,
     forget_process,
     fresh_multiproc_dir,

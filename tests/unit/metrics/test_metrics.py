@@ -11,13 +11,10 @@ import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 
-from mpcapi.metrics.metrics import (
-    MODEL_LABEL_LIMIT,
-    ErrorRing,
-    Metrics,
-    quantile,
-    route_of,
-)
+from mpcapi.metrics.errorring import ErrorRing
+from mpcapi.metrics.labels import route_of
+from mpcapi.metrics.metrics import MODEL_LABEL_LIMIT, Metrics
+from mpcapi.metrics.summary import quantile
 from tests.support.exchanges import exchange
 from tests.support.gateway import CHAT, COMPLETION, Harness, answer, make_harness
 

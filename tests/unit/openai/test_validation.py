@@ -177,3 +177,12 @@ def test_the_fast_json_parser_agrees_with_json(body: bytes) -> None:
     if expected is not ValueError and not isinstance(expected, dict):
         expected = ValueError  # valid JSON, but not an object: refused as well
     assert parsed == expected
+
+
+def test_integers_past_64_bits_are_read_exactly() -> None:
+    """orjson would read them as rounded floats: two requests that differ only there would
+    then share a cache key."""
+    for number in (-9223372036854775809, 2**64, 10**30):
+        body = b'{"model": "m", "seed": %d}' % number
+        assert parse_json_object(body) == {"model": "m", "seed": number}
+    assert parse_json_object(b'{"n": 1234567890123456789012}')["n"] == 1234567890123456789012
