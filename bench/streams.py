@@ -72,7 +72,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
-from mpcapi.upstream.client import BytesProducer
+from mpcapi.upstream.http import BytesProducer
 
 reactor: Any = _reactor
 

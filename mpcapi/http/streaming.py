@@ -25,7 +25,7 @@ from mpcapi.exchange import Exchange
 from mpcapi.openai.chunks import has_text, is_usage_only
 from mpcapi.openai.sse import DONE, SSEEvent, SSEParser
 from mpcapi.openai.usage import usage_of_chunk
-from mpcapi.upstream.client import UpstreamBody
+from mpcapi.upstream.bodies import UpstreamBody
 
 SSE_HEADERS = {
     b"content-type": b"text/event-stream",

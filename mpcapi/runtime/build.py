@@ -43,7 +43,8 @@ from mpcapi.runtime.service import GatewayService
 from mpcapi.runtime.workers import AdoptedPort, WorkerPool, listening_socket, worker_argv
 from mpcapi.storage.redis import RedisClient
 from mpcapi.upstream.balancer import HealthProbe, split_urls
-from mpcapi.upstream.client import LiteLLMClient, make_http_client, make_pool
+from mpcapi.upstream.client import LiteLLMClient
+from mpcapi.upstream.http import make_http_client, make_pool
 
 if TYPE_CHECKING:
     from mpcapi.websocket.endpoint import WebSocketEndpoint

@@ -1,4 +1,4 @@
-"""The LiteLLM client: treq over our own connection pool, timeouts, error mapping.
+"""The LiteLLM client: requests over treq (``upstream.http``), timeouts, error mapping.
 
 ``LiteLLMClient.send`` resolves when LiteLLM's response headers arrive (or raises a
 502/504 ``ApiError``); ``read_body`` collects a body with an inactivity timeout and
@@ -11,43 +11,29 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
 import attrs
-import treq
 from hyperlink import EncodedURL
 from twisted.internet import defer, error
 from twisted.internet.interfaces import (
-    IDelayedCall,
-    IProtocol,
-    IPushProducer,
     IReactorTime,
-    IStreamClientEndpoint,
-    ITransport,
 )
-from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
 from twisted.web.client import (
-    URI,
-    Agent,
-    HTTPConnectionPool,
-    PotentialDataLoss,
     RequestNotSent,
     RequestTransmissionFailed,
-    ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
 )
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
-from zope.interface import implementer
+from twisted.web.iweb import IResponse
 
 from mpcapi.config.live import LiveSettings
-from mpcapi.config.settings import Settings, without_password
+from mpcapi.config.settings import without_password
 from mpcapi.errors import ApiError, bad_gateway, gateway_timeout
-from mpcapi.internals import quiet_pool, standard_endpoints
 from mpcapi.upstream.balancer import Balancer, Upstream, split_urls
+from mpcapi.upstream.bodies import BodyCollector, CountedResponse
+from mpcapi.upstream.http import NO_COOKIES, WireURL
 
 # Headers of LiteLLM's answers that reach the client: what SDKs need to parse and back off.
 RELAYED_HEADERS = (b"content-type", b"retry-after")
@@ -75,98 +61,6 @@ _NEVER_CONNECTED = (
 )
 
 LITELLM_LIVENESS_PATH = "/health/liveliness"
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A request body that is already in memory: written at once, no cooperator."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> defer.Deferred[None]:
-        consumer.write(self._body)
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
-def make_pool(reactor: Any, settings: Settings) -> HTTPConnectionPool:
-    """A persistent pool sized for many concurrent requests to one LiteLLM."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = settings.pool_size
-    # Below uvicorn's 5 s keep-alive, so we rarely reuse a connection LiteLLM is closing.
-    pool.cachedConnectionTimeout = 4
-    pool.retryAutomatically = True
-    return quiet_pool(pool)
-
-
-@implementer(IAgentEndpointFactory)
-class _ReusedEndpoints:
-    """One endpoint per upstream host: Agent would build (and IDNA-encode) one per request."""
-
-    def __init__(self, reactor: Any, connect_timeout: float) -> None:
-        self._standard = standard_endpoints(reactor, connect_timeout)
-        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
-
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._endpoints.get(key)
-        if endpoint is None:
-            endpoint = self._endpoints[key] = self._standard.endpointForURI(uri)
-        return endpoint
-
-
-def make_http_client(reactor: Any, pool: HTTPConnectionPool, settings: Settings) -> Any:
-    """treq's HTTPClient on our pool; cookies refused, so no state leaks between clients."""
-    endpoints = _ReusedEndpoints(reactor, settings.connect_timeout)
-    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
-    jar: Any = _NO_COOKIES  # treq's type names its own jar class; any CookieJar works
-    return treq.client.HTTPClient(agent, cookiejar=jar, data_to_body_producer=BytesProducer)
-
-
-class _WireURL(EncodedURL):
-    """A URL already in its wire form: treq need not IDNA-encode it, nor write it out again,
-    on every request."""
-
-    _text: str | None = None
-
-    def to_uri(self) -> _WireURL:  # type: ignore[override]
-        return self
-
-    def to_text(self, with_password: bool = False) -> str:
-        if with_password:
-            return super().to_text(with_password)
-        if self._text is None:
-            self._text = super().to_text()
-        return self._text
-
-
-class _NoCookies(CookieJar):
-    """A jar that never sends nor keeps a cookie, so no state passes between clients; treq's
-    cookie handling would otherwise run the standard library's cookie policy on every request
-    and every answer."""
-
-    def __init__(self) -> None:
-        super().__init__(policy=DefaultCookiePolicy(allowed_domains=[]))
-
-    def add_cookie_header(self, request: Any) -> None:
-        pass
-
-    def extract_cookies(self, response: Any, request: Any) -> None:
-        pass
-
-
-# The client's jar, and each request's cookies (treq would build an empty jar per request).
-_NO_COOKIES = _NoCookies()
 
 
 def _cancelled(failure_value: BaseException) -> bool:
@@ -256,7 +150,7 @@ class LiteLLMClient:
             upstream = self.balancer.instances[0]
         url = upstream.urls.get(path)
         if url is None:
-            url = upstream.urls[path] = _WireURL.from_text(upstream.base_url + path)
+            url = upstream.urls[path] = WireURL.from_text(upstream.base_url + path)
         return url
 
     def headers(self, client_authorization: bytes | None, request_id: str) -> Headers:
@@ -316,7 +210,7 @@ class LiteLLMClient:
             except BaseException:
                 upstream.in_flight -= 1
                 raise
-            return _Counted(response, upstream)
+            return CountedResponse(response, upstream)
 
     async def _exchange(
         self,
@@ -334,7 +228,7 @@ class LiteLLMClient:
             self.url(path, upstream),
             headers=headers,
             data=body,
-            cookies=_NO_COOKIES,
+            cookies=NO_COOKIES,
             allow_redirects=False,
             unbuffered=True,
         )
@@ -419,139 +313,6 @@ class LiteLLMClient:
         return collector.done
 
 
-@implementer(IResponse)
-class _Counted:
-    """LiteLLM's response, counted in its instance's ``in_flight`` until its body ends."""
-
-    __slots__ = ("_response", "code", "upstream")
-
-    def __init__(self, response: IResponse, upstream: Upstream | None) -> None:
-        self._response = response
-        self.code = response.code
-        self.upstream = upstream
-
-    def __getattr__(self, name: str) -> Any:  # headers, phrase, length…: rarely read
-        return getattr(self._response, name)
-
-    def deliverBody(self, protocol: IProtocol) -> None:
-        if self.upstream is not None:
-            protocol = _CountedBody(protocol, self.upstream)
-        self._response.deliverBody(protocol)
-
-    def setPreviousResponse(self, response: IResponse) -> None:
-        self._response.setPreviousResponse(response)
-
-
-@implementer(IProtocol)
-class _CountedBody:
-    """Hands a body to ``protocol``; its end (complete, broken, aborted) ends the count."""
-
-    __slots__ = ("_protocol", "_upstream", "dataReceived")
-
-    def __init__(self, protocol: IProtocol, upstream: Upstream) -> None:
-        self._protocol = protocol
-        self._upstream: Upstream | None = upstream
-        # Chunks go straight to the protocol: no extra call per chunk.
-        self.dataReceived = protocol.dataReceived
-
-    def makeConnection(self, transport: ITransport) -> None:
-        self._protocol.makeConnection(transport)
-
-    def connectionMade(self) -> None:
-        self._protocol.connectionMade()
-
-    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
-        upstream, self._upstream = self._upstream, None
-        if upstream is not None:
-            upstream.in_flight -= 1
-        self._protocol.connectionLost(reason)
-
-
-class UpstreamBody(Protocol):
-    """Reads one LiteLLM response body, watching for silence.
-
-    ``_start_timer`` arms an inactivity timer that ``_touch_timer`` pushes back on each
-    chunk; silence longer than ``idle_timeout`` calls the subclass's ``_timed_out``.
-    ``_close_upstream`` drops the LiteLLM connection (cancelling a Deferred does not).
-    """
-
-    def __init__(self, clock: IReactorTime, idle_timeout: float) -> None:
-        self._clock = clock
-        self._idle_timeout = idle_timeout
-        self._timer: IDelayedCall | None = None
-
-    def _start_timer(self) -> None:
-        self._timer = self._clock.callLater(self._idle_timeout, self._silence)
-
-    def _touch_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self._idle_timeout)
-
-    def _stop_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _silence(self) -> None:
-        self._timer = None
-        self._timed_out()
-
-    def _timed_out(self) -> None:
-        raise NotImplementedError
-
-    def _pause_upstream(self) -> None:
-        if self.transport is not None:
-            IPushProducer(self.transport).pauseProducing()
-
-    def _resume_upstream(self) -> None:
-        if self.transport is not None:
-            IPushProducer(self.transport).resumeProducing()
-
-    def _close_upstream(self) -> None:
-        if self.transport is not None:
-            IPushProducer(self.transport).stopProducing()
-
-
-class BodyCollector(UpstreamBody):
-    """Accumulates a response body; cancelling ``done`` closes the upstream connection."""
-
-    def __init__(self, clock: IReactorTime, idle_timeout: float, source: str) -> None:
-        super().__init__(clock, idle_timeout)
-        self._source = source
-        self._chunks: list[bytes] = []
-        self.done: defer.Deferred[bytes] = defer.Deferred(self._cancel)
-
-    def connectionMade(self) -> None:
-        self._start_timer()
-
-    def dataReceived(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._touch_timer()
-
-    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
-        self._stop_timer()
-        if self.done.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(b"".join(self._chunks))
-        else:
-            self.done.errback(
-                bad_gateway(
-                    f"LiteLLM at {self._source} broke off its answer: {reason.value}", "broken"
-                )
-            )
-
-    def _timed_out(self) -> None:
-        self.done.errback(
-            gateway_timeout(f"LiteLLM at {self._source} sent nothing for {self._idle_timeout:g} s")
-        )
-        self._close_upstream()
-
-    def _cancel(self, _: defer.Deferred[bytes]) -> None:
-        self._stop_timer()
-        self._close_upstream()
-
-
 def relayed_headers(response: IResponse) -> Mapping[bytes, list[bytes]]:
     """The headers of LiteLLM's answer that the client should see."""
     kept: dict[bytes, list[bytes]] = {}
@@ -574,13 +335,4 @@ def check_upstream_status(status: int, body: bytes, *, our_key: bool, base_url: 
         )
 
 
-__all__ = [
-    "ApiError",
-    "BodyCollector",
-    "BytesProducer",
-    "LiteLLMClient",
-    "check_upstream_status",
-    "make_http_client",
-    "make_pool",
-    "relayed_headers",
-]
+__all__ = ["LiteLLMClient", "check_upstream_status", "error_message", "relayed_headers"]

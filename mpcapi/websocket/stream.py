@@ -12,7 +12,8 @@ from twisted.web.client import ResponseDone
 
 from mpcapi.errors import ApiError, bad_gateway, gateway_timeout, phrase
 from mpcapi.openai.sse import DONE, SSEEvent, SSEParser
-from mpcapi.upstream.client import UpstreamBody, check_upstream_status, error_message
+from mpcapi.upstream.bodies import UpstreamBody
+from mpcapi.upstream.client import check_upstream_status, error_message
 
 if TYPE_CHECKING:
     from mpcapi.websocket.session import Message, WebSocketSession

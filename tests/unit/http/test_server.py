@@ -29,7 +29,8 @@ from mpcapi.config.live import LiveSettings
 from mpcapi.config.settings import Settings
 from mpcapi.http.site import ConnectionCap, GatewaySite, LimitedRequest
 from mpcapi.runtime.build import build_gateway
-from mpcapi.upstream.client import LiteLLMClient, make_http_client, make_pool
+from mpcapi.upstream.client import LiteLLMClient
+from mpcapi.upstream.http import make_http_client, make_pool
 from tests.support.gateway import CHAT
 
 LIMIT = 64 * 1024
