@@ -11,11 +11,10 @@ import pytest
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address
-from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.logger import LogEvent
 from twisted.test import iosim
 from twisted.web.server import NOT_DONE_YET, Request
 from twisted.web.test.requesthelper import DummyRequest
-from zope.interface import implementer
 
 from mpcapi.errors import ApiError
 from mpcapi.http.site import GatewaySite
@@ -24,6 +23,7 @@ from mpcapi.upstream.client import LiteLLMClient
 from mpcapi.websocket.protocol import GatewayWebSocketProtocol, same_host
 from mpcapi.websocket.session import WebSocketSession
 from tests.support.gateway import CHAT, answer, make_harness, never_answer
+from tests.support.logs import captured
 
 SERVER = IPv4Address("TCP", "127.0.0.1", 3000)
 CLIENT = IPv4Address("TCP", "127.0.0.1", 50000)
@@ -178,20 +178,10 @@ def harness() -> Harness:
 
 
 @pytest.fixture
-def logged() -> Iterator[list[LogEvent]]:
+def logged() -> Iterator[list[Any]]:
     """The per-request log events of WebSocket requests."""
-    events: list[LogEvent] = []
-
-    @implementer(ILogObserver)
-    def observe(event: LogEvent) -> None:
-        if event.get("log_namespace") == "mpcapi.request" and event.get("method") == "WS":
-            events.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    try:
+    with captured("mpcapi.request", lambda event: event.get("method") == "WS") as events:
         yield events
-    finally:
-        globalLogPublisher.removeObserver(observe)
 
 
 # Streams
