@@ -165,7 +165,7 @@ class Proc:
 
     def rss_by_role(self) -> dict[str, int]:
         """Current resident memory (KiB) of the process and its children, by what they are:
-        the daemon itself, its workers, its usage row writers (mpcapi.usagerows)."""
+        the daemon itself, its workers, its usage row writers (mpcapi.storage.usagerows)."""
         roles: dict[str, int] = {}
         for pid in process_tree(self.popen.pid):
             try:

@@ -1,5 +1,5 @@
-"""The usage rows' writer process (mpcapi.rowwriter, mpcapi.usagerows): a real child process,
-real databases."""
+"""The usage rows' writer process (mpcapi.ledger.rowwriter, mpcapi.storage.usagerows): a real
+child process, real databases."""
 
 from __future__ import annotations
 
