@@ -54,15 +54,13 @@ class Forwarding:
         has finished the request itself."""
         exchange = exchange_of(request)
         exchange.route = route.path
-        body = None
-        if route.schema is not None:
-            body = request.content.read() if request.content is not None else b""
         limits = await self.admission.admit(exchange, request.getHeader(b"authorization"))
         set_header = request.responseHeaders.setRawHeaders
         for limit, value in limits.items():
             set_header(HEADER_NAMES[limit], [value.encode("ascii")])
-        if route.schema is None or body is None:
+        if route.schema is None:
             return await self._forward(request, exchange, route, None)
+        body = request.content.read() if request.content is not None else b""
         document = self.validator.validate(route.schema, body)
         exchange.model = document["model"]
         if self.ledger is not None:

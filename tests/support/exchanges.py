@@ -6,21 +6,9 @@ from typing import Any
 
 from mpcapi.exchange import Exchange
 from mpcapi.openai.usage import Usage
-from mpcapi.storage.keys import ClientKey
+from tests.support.keys import client_key
 
 STARTED = 1000.0
-
-
-def key_row(key_id: str, user: str | None) -> ClientKey:
-    return ClientKey(
-        id=key_id,
-        key_hash="x",
-        user=user or "",
-        rpm=None,
-        tpm=None,
-        budget_usd=None,
-        created_at="2026-11-27T00:00:00Z",
-    )
 
 
 def exchange(
@@ -49,7 +37,7 @@ def exchange(
     if prompt_tokens is not None or completion_tokens is not None:
         found.usage = Usage(prompt_tokens or 0, completion_tokens or 0, cost_usd)
     if key_id is not None:
-        found.key = key_row(key_id, user)
+        found.key = client_key(key_id, user or "")
     if events is not None or ttfb_ms is not None:
         found.streamed = True
         found.events = events or 0

@@ -147,22 +147,13 @@ class Ledgered:
 
 
 def ledgered(db: SyncDb, tmp_path: Path, keys: bool = False, **settings: Any) -> Ledgered:
-    clock = Clock()
-    ledger = UsageLedger(
-        db,  # type: ignore[arg-type]
-        clock,
-        PRICES,
-        str(tmp_path / "spool.jsonl"),
-        in_thread,
-        log_bodies=settings.get("log_bodies", False),
-    )
+    ledger, clock = bare_ledger(db, tmp_path, log_bodies=settings.get("log_bodies", False))
     authenticator = KeyAuthenticator(db, clock) if keys else None  # type: ignore[arg-type]
     harness = make_harness(
         clock=clock, keys=authenticator, ledger=ledger, **{"admin_key": ADMIN, **settings}
     )
     recording = Recording(harness.gateway.resource())
     harness.client = StubTreq(recording)
-    ledger.startService()
     harness.clock.advance(1000)  # not at 0: times are measured from here
     return Ledgered(harness, ledger, db, recording)
 
@@ -519,9 +510,7 @@ def fields(n: int, **more: Any) -> Exchange:
                        **more})  # fmt: skip
 
 
-def bare_ledger(db: SyncDb, tmp_path: Path, **options: Any) -> tuple[UsageLedger, Any]:
-    from twisted.internet.task import Clock
-
+def bare_ledger(db: SyncDb, tmp_path: Path, **options: Any) -> tuple[UsageLedger, Clock]:
     clock = Clock()
     ledger = UsageLedger(
         db,  # type: ignore[arg-type]
