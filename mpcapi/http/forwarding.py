@@ -54,12 +54,13 @@ class Forwarding:
         has finished the request itself."""
         exchange = exchange_of(request)
         exchange.route = route.path
-        limits = await self.admission.admit(exchange, request.getHeader(b"authorization"))
+        authorization = request.getHeader(b"authorization")
+        limits = await self.admission.admit(exchange, authorization)
         set_header = request.responseHeaders.setRawHeaders
         for limit, value in limits.items():
             set_header(HEADER_NAMES[limit], [value.encode("ascii")])
         if route.schema is None:
-            return await self._forward(request, exchange, route, None)
+            return await self._forward(request, exchange, route, None, authorization)
         body = request.content.read() if request.content is not None else b""
         document = self.validator.validate(route.schema, body)
         exchange.model = document["model"]
@@ -67,12 +68,12 @@ class Forwarding:
             self.ledger.note_bodies(exchange.request_id, body, None)
         streamed = route.streams and document.get("stream") is True
         store_key: str | None = None
-        if route.cacheable:
+        if route.cacheable and self.cache.enabled:
             lookup = await self.cache.lookup(
                 exchange,
                 document,
                 cache_directives(request.requestHeaders.getRawHeaders(b"cache-control") or []),
-                request.getHeader(b"authorization"),
+                authorization,
                 (lambda cached: _event_stream(cached, document)) if streamed else _whole,
             )
             if lookup is not None:
@@ -85,25 +86,31 @@ class Forwarding:
                     return with_length(request, lookup.answer)
                 store_key = None if streamed else lookup.store_key
         if streamed:
-            return await self._stream(request, exchange, route, body, document)
-        answer = await self._forward(request, exchange, route, body)
+            return await self._stream(request, exchange, route, body, document, authorization)
+        answer = await self._forward(request, exchange, route, body, authorization)
         if store_key is not None and request.code == 200:
             self.cache.keep(store_key, answer)
         return answer
 
     async def _forward(
-        self, request: Request, exchange: Exchange, route: Route, body: bytes | None
+        self,
+        request: Request,
+        exchange: Exchange,
+        route: Route,
+        body: bytes | None,
+        authorization: bytes | None,
     ) -> bytes:
         """Send to LiteLLM and relay its answer; client errors pass through as they are."""
-        response = await self._send(request, exchange, route, body)
+        response = await self._send(exchange, route, body, authorization)
         answer = await self.upstream.read_body(response)
-        self._check(response, answer)
-        if response.code == 200 and route.usage is not None:
+        code = response.code
+        self._check(code, response, answer)
+        if code == 200 and route.usage is not None:
             costs = response.headers.getRawHeaders(COST_HEADER)
             exchange.usage = route.usage(answer, costs[0] if costs else None)
         if self.ledger is not None:
             self.ledger.note_bodies(exchange.request_id, None, answer)
-        return _relay(request, response, answer)
+        return _relay(request, code, response, answer)
 
     async def _stream(
         self,
@@ -112,16 +119,18 @@ class Forwarding:
         route: Route,
         body: bytes,
         document: dict[str, Any],
+        authorization: bytes | None,
     ) -> bytes | None:
         # The ledger counts every stream: ask LiteLLM for usage, hide it if the client did not.
         hide_usage = self.ledger is not None and not asks_for_usage(document)
         if hide_usage:
             body = json.dumps(with_usage_requested(document)).encode("utf-8")
-        response = await self._send(request, exchange, route, body)
-        if response.code != 200:
+        response = await self._send(exchange, route, body, authorization)
+        code = response.code
+        if code != 200:
             answer = await self.upstream.read_body(response)
-            self._check(response, answer)
-            return _relay(request, response, answer)
+            self._check(code, response, answer)
+            return _relay(request, code, response, answer)
         request.setResponseCode(200)
         for name, value in SSE_HEADERS.items():
             request.setHeader(name, value)
@@ -137,7 +146,7 @@ class Forwarding:
         return None
 
     async def _send(
-        self, request: Request, exchange: Exchange, route: Route, body: bytes | None
+        self, exchange: Exchange, route: Route, body: bytes | None, authorization: bytes | None
     ) -> IResponse:
         sent_at = self.clock.seconds()
         response = await self.upstream.send(
@@ -145,16 +154,18 @@ class Forwarding:
             route.path,
             body=body,
             # With client keys on, the client's key is ours to check, never LiteLLM's.
-            authorization=None if self.admission.keys else request.getHeader(b"authorization"),
+            authorization=None if self.admission.keys else authorization,
             request_id=exchange.request_id,
         )
         exchange.upstream_status = response.code
         exchange.upstream_seconds = self.clock.seconds() - sent_at
         return response
 
-    def _check(self, response: IResponse, answer: bytes) -> None:
+    def _check(self, code: int, response: IResponse, answer: bytes) -> None:
+        if code < 400:  # only errors may stand for a failure of LiteLLM's
+            return
         check_upstream_status(
-            response.code,
+            code,
             answer,
             our_key=bool(self.live.current.litellm_api_key),
             base_url=self.upstream.source(response),
@@ -177,8 +188,8 @@ def _event_stream(cached: bytes, document: dict[str, Any]) -> bytes | None:
     )
 
 
-def _relay(request: Request, response: IResponse, answer: bytes) -> bytes:
-    set_status(request, response.code)
+def _relay(request: Request, code: int, response: IResponse, answer: bytes) -> bytes:
+    set_status(request, code)
     for name, values in relayed_headers(response).items():
         request.responseHeaders.setRawHeaders(name, values)
     return with_length(request, answer)

@@ -43,7 +43,8 @@ class Admission:
     async def admit(self, exchange: Exchange, authorization: bytes | str | None) -> dict[str, str]:
         """Authenticate, check the budget, count the call against its limits. Returns the
         ``x-ratelimit-*`` headers for the answer; raises the ApiError that refuses it."""
-        await self.authenticate(exchange, authorization)
+        if self.keys is not None:  # as authenticate does, without a coroutine more per call
+            exchange.key = await self.keys.authenticate(authorization)
         if self.budgets is not None:
             await self.budgets.check_budget(exchange.key)
         try:
