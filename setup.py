@@ -34,6 +34,7 @@ setup(
             "pytest>=8.0",
             "pytest-twisted>=1.14",
             "openai>=1.50",
+            "langchain-openai>=0.3",  # the SDK error tests (tests/integration/test_sdk_errors.py)
             "ruff>=0.6",
             "mypy>=1.11",
             "mypy-zope>=1.0",

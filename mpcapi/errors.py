@@ -1,8 +1,15 @@
 """Errors MPC-API produces itself, and the one function that renders them.
 
-Every error body has the seed's shape: ``{"error": <type>, "message": <detail>,
-"request_id": <id>}``, plus ``"details"`` for validation errors. Errors that LiteLLM
-returns for the client's own request are relayed as they are (see ``app``).
+An error body has OpenAI's shape, which every OpenAI SDK reads (``error.message`` is what
+the exception shows)::
+
+    {"error": {"message": <detail>, "type": <OpenAI type>, "param": <field>, "code": <code>},
+     "message": <detail>, "request_id": <id>}
+
+with the seed's top-level ``message`` and ``request_id`` kept for its readers, plus
+``"details"`` for validation errors. ``MPCAPI_ERROR_FORMAT=seed`` gives the seed's flat
+shape instead: ``{"error": <reason phrase>, "message": <detail>, "request_id": <id>}``.
+Errors that LiteLLM returns for the client's own request are relayed as they are.
 """
 
 from __future__ import annotations
@@ -10,11 +17,32 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from twisted.web.iweb import IRequest
 
+if TYPE_CHECKING:
+    from mpcapi.exchange import Exchange
+
 JSON_CONTENT_TYPE = b"application/json"
+
+ErrorFormat = Literal["openai", "seed"]
+ERROR_FORMATS: tuple[ErrorFormat, ...] = ("openai", "seed")
+
+# OpenAI's ``error.type`` for a status, when the error does not name its own.
+_OPENAI_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    429: "rate_limit_error",
+}
+
+
+def openai_type(status: int) -> str:
+    """OpenAI's error type for ``status``: client errors are invalid requests unless they
+    are about the key or the rate; 5xx are server errors."""
+    if status >= 500:
+        return "server_error"
+    return _OPENAI_TYPES.get(status, "invalid_request_error")
 
 
 class ApiError(Exception):
@@ -29,29 +57,53 @@ class ApiError(Exception):
         details: Sequence[Mapping[str, Any]] | None = None,
         headers: Mapping[str, str] | None = None,
         upstream_failure: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
-        self.error = error
+        self.error = error  # the seed's label: the status's reason phrase
         self.message = message
         self.details = details
         self.headers = dict(headers or {})
         # For errors LiteLLM caused: unreachable, timeout, status_5xx, key_refused, broken.
         self.upstream_failure = upstream_failure
+        self.param = param  # the request field at fault, when there is one
+        # OpenAI's error.code (default: the label in snake case) and error.type.
+        self.code = code or "_".join(error.lower().replace("-", " ").split())
+        self.kind = kind or openai_type(status)
 
-    def body(self, request_id: str) -> bytes:
-        document: dict[str, Any] = {
-            "error": self.error,
-            "message": self.message,
-            "request_id": request_id,
-        }
+    def document(self, request_id: str, error_format: ErrorFormat = "openai") -> dict[str, Any]:
+        """The error body as a JSON document, in ``error_format`` (see the module doc)."""
+        document: dict[str, Any]
+        if error_format == "seed":
+            document = {"error": self.error}
+        else:
+            document = {
+                "error": {
+                    "message": self.message,
+                    "type": self.kind,
+                    "param": self.param,
+                    "code": self.code,
+                }
+            }
+        document["message"] = self.message
+        document["request_id"] = request_id
         if self.details:
             document["details"] = list(self.details)
-        return json.dumps(document).encode("utf-8")
+        return document
+
+    def body(self, request_id: str, error_format: ErrorFormat = "openai") -> bytes:
+        return json.dumps(self.document(request_id, error_format)).encode("utf-8")
 
 
-def bad_request(message: str, details: Sequence[Mapping[str, Any]] | None = None) -> ApiError:
-    return ApiError(400, "Bad Request", message, details=details)
+def bad_request(
+    message: str,
+    details: Sequence[Mapping[str, Any]] | None = None,
+    param: str | None = None,
+) -> ApiError:
+    return ApiError(400, "Bad Request", message, details=details, param=param)
 
 
 def not_found(message: str) -> ApiError:
@@ -99,13 +151,14 @@ def set_status(request: IRequest, status: int) -> None:
     request.setResponseCode(status, phrase)
 
 
-def render_error(request: IRequest, error: ApiError, request_id: str) -> bytes:
-    """Set the status and headers of ``request`` for ``error`` and return the body."""
+def render_error(request: IRequest, error: ApiError, exchange: Exchange) -> bytes:
+    """Set the status and headers of ``request`` for ``error`` and return the body, in
+    the format of the request's ``exchange``."""
     set_status(request, error.status)
     request.setHeader(b"content-type", JSON_CONTENT_TYPE)
     for name, value in error.headers.items():
         request.setHeader(name.encode("ascii"), value.encode("latin-1"))
-    return with_length(request, error.body(request_id))
+    return with_length(request, error.body(exchange.request_id, exchange.error_format))
 
 
 def with_length(request: IRequest, body: bytes) -> bytes:

@@ -16,6 +16,7 @@ import attrs
 from mpcapi.openai.usage import Usage
 
 if TYPE_CHECKING:
+    from mpcapi.errors import ErrorFormat
     from mpcapi.storage.keys import ClientKey
 
 WEBSOCKET = "WS"  # the method of a WebSocket message's exchange
@@ -33,6 +34,7 @@ class Exchange:
     route: str | None = None  # the OpenAI operation (/chat/completions); None: not API traffic
     model: str | None = None
     key: ClientKey | None = None  # the client key (limits, budget, owner) when auth is on
+    error_format: ErrorFormat = "openai"  # the shape of MPC-API's own error answers
     # The answer
     status: int = 0
     bytes_sent: int = 0

@@ -78,3 +78,21 @@ ensure_litellm_venv() {
         pip_install .venv-litellm/bin/python -r etc/litellm/requirements.txt
     fi
 }
+
+# ensure_node_clients: tests/clients/node_modules with the npm clients the SDK error tests drive
+# (the openai SDK and the Vercel AI SDK, pinned by tests/clients/package-lock.json).
+# Re-installs only when the lock file changed since the last install.
+ensure_node_clients() {
+    local dir=tests/clients stamp=tests/clients/node_modules/.installed
+    if ! command -v npm >/dev/null; then
+        echo "npm is missing: the SDK error tests need Node.js 18 or later with npm" >&2
+        return 1
+    fi
+    if [ -f "$stamp" ] && [ ! "$dir/package-lock.json" -nt "$stamp" ]; then
+        return 0
+    fi
+    echo "first run: installing the npm test clients (tests/clients/package-lock.json) into" \
+        "tests/clients/node_modules (once; later runs skip this) ..." >&2
+    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error >&2)
+    touch "$stamp"
+}

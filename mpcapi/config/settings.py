@@ -19,6 +19,8 @@ import attrs
 from dotenv import dotenv_values
 from hyperlink import DecodedURL
 
+from mpcapi.errors import ERROR_FORMATS, ErrorFormat
+
 LOG_FORMATS = ("text", "json")
 
 
@@ -273,6 +275,14 @@ SETTINGS: tuple[Setting, ...] = (
         "browser origins allowed to call the API, comma-separated ('*': any); empty: CORS off",
     ),
     Setting(
+        "error_format",
+        ("MPCAPI_ERROR_FORMAT",),
+        "openai",
+        _one_of(*ERROR_FORMATS),
+        "MPC-API's own error bodies: openai ({error: {message, type, param, code}, ...}, what "
+        "the SDKs read) or seed (the flat {error, message, request_id} of the Express service)",
+    ),
+    Setting(
         "workers",
         ("MPCAPI_WORKERS",),
         1,
@@ -426,6 +436,7 @@ class Settings:
     max_connections: int = 10000
     drain_seconds: float = 30.0
     cors_origins: str = ""
+    error_format: ErrorFormat = "openai"
     workers: int = 1
     auth: str = "off"
     database_url: str = "sqlite:///mpcapi.db"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -117,7 +117,7 @@ class Gateway:
     def resource(self) -> IResource:
         settings = self.live.current
         headed = ResponseHeaders(self.app.resource(), CorsPolicy(settings.cors_origins.split(",")))
-        logged = RequestLogging(headed, self.clock, self.observers)
+        logged = RequestLogging(headed, self.clock, self.observers, settings.error_format)
         return self.metrics.track_inflight(logged)
 
     @property
@@ -234,13 +234,13 @@ class Gateway:
         error: ApiError = failure.value  # type: ignore[assignment]
         exchange = exchange_of(request)
         exchange.upstream_failure = error.upstream_failure
-        return render_error(request, error, exchange.request_id)
+        return render_error(request, error, exchange)
 
     @app.handle_errors(NotFound)
     def unknown_route(self, request: IRequest, failure: Failure) -> bytes:
         path = request.path.decode("utf-8", "replace")
         error = not_found(f"no route {request.method.decode('ascii', 'replace')} {path}")
-        return render_error(request, error, exchange_of(request).request_id)
+        return render_error(request, error, exchange_of(request))
 
     @app.handle_errors(MethodNotAllowed)
     def wrong_method(self, request: IRequest, failure: Failure) -> bytes:
@@ -248,7 +248,7 @@ class Gateway:
         method = request.method.decode("ascii", "replace")
         path = request.path.decode("utf-8", "replace")
         error = method_not_allowed(f"{method} is not allowed on {path}", allowed)
-        return render_error(request, error, exchange_of(request).request_id)
+        return render_error(request, error, exchange_of(request))
 
     @app.handle_errors(RequestRedirect)
     def canonical_url(self, request: IRequest, failure: Failure) -> bytes:
@@ -268,12 +268,13 @@ class Gateway:
         log.failure(
             "unhandled error, request_id={request_id}", failure, request_id=exchange.request_id
         )
-        return render_error(request, internal_error(), exchange.request_id)
+        return render_error(request, internal_error(), exchange)
 
 
 def _forwarded(route: Route) -> Callable[..., Any]:
-    async def serve(self: Gateway, request: Request, prefix: str) -> bytes | None:
-        return await self.forwarding.serve(request, route)
+    # Hands Klein the pipeline's coroutine itself: no coroutine of its own to resume.
+    def serve(self: Gateway, request: Request, prefix: str) -> Coroutine[Any, Any, bytes | None]:
+        return self.forwarding.serve(request, route)
 
     serve.__name__ = serve.__qualname__ = route.name
     return serve

@@ -78,7 +78,7 @@ class ResponseHeaders(Resource):
     def _preflight(self, request: Any, origin: str) -> bytes:
         if not self._cors.allows(origin):
             refusal = ApiError(403, "Forbidden", f"origin {origin} may not call this API")
-            return render_error(request, refusal, exchange_of(request).request_id)
+            return render_error(request, refusal, exchange_of(request))
         asked = request.getHeader(b"access-control-request-headers") or b""
         asked_text = asked.decode("latin-1") if isinstance(asked, bytes) else asked
         wanted = [name.strip().lower() for name in asked_text.split(",") if name.strip()]

@@ -23,7 +23,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import Interface
 
-from mpcapi.errors import bad_request, render_error
+from mpcapi.errors import ErrorFormat, bad_request, render_error
 from mpcapi.exchange import WEBSOCKET, Exchange, ExchangeObserver
 
 log = Logger(namespace="mpcapi.request")
@@ -132,11 +132,13 @@ class RequestLogging(Resource):
         wrapped: IResource,
         clock: IReactorTime,
         observers: Sequence[ExchangeObserver] = (),
+        error_format: ErrorFormat = "openai",
     ) -> None:
         super().__init__()
         self._wrapped = wrapped
         self._clock = clock
         self._observers = list(observers)
+        self._error_format = error_format
 
     def render(self, request: Any) -> Any:
         now = self._clock.seconds()
@@ -146,13 +148,14 @@ class RequestLogging(Resource):
             method=request.method.decode("ascii", "replace"),
             path=request.path.decode("utf-8", "replace"),
             client=getattr(request.getClientAddress(), "host", None),
+            error_format=self._error_format,
         )
         request.setComponent(IExchange, exchange)
         request.setHeader(b"x-request-id", exchange.request_id.encode("ascii"))
         request.notifyFinish().addBoth(self._finished, request, exchange)
         if not _utf8(request.path):  # Klein would answer this in plain text
             message = "request path is not valid UTF-8"
-            return render_error(request, bad_request(message), exchange.request_id)
+            return render_error(request, bad_request(message), exchange)
         result = self._wrapped.render(request)
         return NOT_DONE_YET if result is NOT_DONE_YET else result
 

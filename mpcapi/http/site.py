@@ -4,7 +4,7 @@ Twisted reads a whole request body before handing the request to a resource. A
 ``LimitedRequest`` answers 413 as soon as the announced ``Content-Length`` (or the
 running count of a chunked body) passes the limit, and drops the rest unread; and 408
 when headers and body take longer than the read timeout. ``GatewayChannel`` answers a
-request that is not valid HTTP/1.1 (Twisted's bare 400) in the seed's error shape too.
+request that is not valid HTTP/1.1 (Twisted's bare 400) in our error shape too.
 ``ConnectionCap`` bounds the open connections.
 """
 
@@ -23,6 +23,7 @@ from twisted.web.resource import IResource
 from mpcapi.errors import (
     JSON_CONTENT_TYPE,
     ApiError,
+    ErrorFormat,
     bad_request,
     payload_too_large,
     request_timeout,
@@ -116,10 +117,10 @@ class LimitedRequest(HookedRequest):
         refuse_connection(channel, error, request_id_for(self))
 
 
-def error_response(error: ApiError, request_id: str) -> bytes:
-    """A whole HTTP/1.1 answer for ``error``, for when no Request renders it: the seed's
-    JSON body, its length, the request id, the security headers, ``connection: close``."""
-    body = error.body(request_id)
+def error_response(error: ApiError, request_id: str, error_format: ErrorFormat) -> bytes:
+    """A whole HTTP/1.1 answer for ``error``, for when no Request renders it: the JSON
+    body, its length, the request id, the security headers, ``connection: close``."""
+    body = error.body(request_id, error_format)
     headers = {
         b"content-type": JSON_CONTENT_TYPE,
         b"content-length": b"%d" % len(body),
@@ -141,7 +142,8 @@ def refuse_connection(channel: HookedChannel, error: ApiError, request_id: str) 
     if channel.answered_directly:
         return
     channel.answered_directly = True
-    answer = error_response(error, request_id)
+    site: GatewaySite = channel.site  # type: ignore[attr-defined]
+    answer = error_response(error, request_id, site.error_format)
     transport: Any = channel.transport
     transport.write(answer)
     channel.persistent = False
@@ -170,7 +172,7 @@ def _discard(data: bytes) -> None:
 
 class GatewayChannel(HookedChannel):
     """Twisted's HTTP/1.1 connection; a request that is not valid HTTP (request line,
-    header block, chunked framing, ``Content-Length``) gets a 400 in the seed's shape."""
+    header block, chunked framing, ``Content-Length``) gets a 400 in our error shape."""
 
     def bad_request(self) -> None:
         # Twisted's own: a bare "400 Bad Request", no body, no request id.
@@ -209,12 +211,14 @@ class GatewaySite(server.Site):
         resource: IResource,
         max_body_bytes: int,
         read_timeout: float = 30.0,
+        error_format: ErrorFormat = "openai",
         **kwargs: Any,
     ) -> None:
         # Bodies are JSON: no form parsing (its email-based Content-Type parsing is costly).
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
         self.max_body_bytes = max_body_bytes
         self.read_timeout = read_timeout
+        self.error_format = error_format
 
     def log(self, request: Any) -> None:
         """Our own per-request event replaces Twisted's access log line."""
@@ -223,6 +227,9 @@ class GatewaySite(server.Site):
 class _Overloaded(Protocol):
     """What a connection past the cap gets: a 503, then the connection is closed."""
 
+    def __init__(self, error_format: ErrorFormat) -> None:
+        self._error_format = error_format
+
     def connectionMade(self) -> None:
         error = ApiError(
             503,
@@ -230,7 +237,8 @@ class _Overloaded(Protocol):
             "too many open connections; retry later",
             headers={"Retry-After": "1"},
         )
-        self.transport.write(error_response(error, uuid.uuid4().hex))  # type: ignore[union-attr]
+        answer = error_response(error, uuid.uuid4().hex, self._error_format)
+        self.transport.write(answer)  # type: ignore[union-attr]
         self.transport.loseConnection()  # type: ignore[union-attr]
 
 
@@ -248,6 +256,6 @@ class ConnectionCap(WrappingFactory):
 
     def buildProtocol(self, addr: Any) -> Any:
         if len(self.protocols) >= self.limit:
-            return _Overloaded()
+            return _Overloaded(self.wrappedFactory.error_format)
         protocol: Protocol | None = super().buildProtocol(addr)
         return protocol

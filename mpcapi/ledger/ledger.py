@@ -203,6 +203,8 @@ class UsageLedger(Service):
                 429,
                 "Too Many Requests",
                 f"the budget of client key {key.id} is spent: ${spend:.6f} of ${budget:g} used",
+                code="insufficient_quota",
+                kind="insufficient_quota",  # OpenAI's type for a spent quota
             )
         if spend >= BUDGET_WARNING * budget and key.id not in self._warned:
             self._warned.add(key.id)

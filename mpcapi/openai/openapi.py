@@ -57,22 +57,62 @@ _REASONS = {
     "504": "LiteLLM sent no response headers (or no data) within `LITELLM_TIMEOUT`",
 }
 
-_ERROR_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "description": "An error MPC-API produces itself.",
-    "required": ["error", "message", "request_id"],
-    "properties": {
-        "error": {"type": "string", "description": "The status's reason phrase"},
-        "message": {"type": "string", "description": "What went wrong"},
-        "request_id": {"type": "string", "description": "The request's `x-request-id`"},
-        "details": {
-            "type": "array",
-            "description": "Validation errors, one per offending field",
-            "items": {
+_ERROR_DETAILS: dict[str, Any] = {
+    "type": "array",
+    "description": "Validation errors, one per offending field",
+    "items": {
+        "type": "object",
+        "required": ["field", "message"],
+        "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+    },
+}
+
+# MPC-API's own errors, by MPCAPI_ERROR_FORMAT (see mpcapi.errors).
+_ERROR_SCHEMAS: dict[str, dict[str, Any]] = {
+    "openai": {
+        "type": "object",
+        "description": "An error MPC-API produces itself, in OpenAI's shape.",
+        "required": ["error", "message", "request_id"],
+        "properties": {
+            "error": {
                 "type": "object",
-                "required": ["field", "message"],
-                "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+                "required": ["message", "type", "param", "code"],
+                "properties": {
+                    "message": {"type": "string", "description": "What went wrong"},
+                    "type": {
+                        "type": "string",
+                        "description": "OpenAI's error type: invalid_request_error, "
+                        "authentication_error, permission_error, rate_limit_error, "
+                        "insufficient_quota or server_error",
+                    },
+                    "param": {
+                        "type": ["string", "null"],
+                        "description": "The request field at fault (`messages[0].role`)",
+                    },
+                    "code": {
+                        "type": "string",
+                        "description": "invalid_api_key, rate_limit_exceeded, "
+                        "insufficient_quota, or the status's reason in snake case",
+                    },
+                },
             },
+            "message": {
+                "type": "string",
+                "description": "`error.message` again, for the seed's readers",
+            },
+            "request_id": {"type": "string", "description": "The request's `x-request-id`"},
+            "details": _ERROR_DETAILS,
+        },
+    },
+    "seed": {
+        "type": "object",
+        "description": "An error MPC-API produces itself, in the seed's flat shape.",
+        "required": ["error", "message", "request_id"],
+        "properties": {
+            "error": {"type": "string", "description": "The status's reason phrase"},
+            "message": {"type": "string", "description": "What went wrong"},
+            "request_id": {"type": "string", "description": "The request's `x-request-id`"},
+            "details": _ERROR_DETAILS,
         },
     },
 }
@@ -554,9 +594,9 @@ def _answer_schema(endpoint: str) -> dict[str, Any]:
     return {"anyOf": [schema, _MULTI_MODEL_ANSWER]}
 
 
-def _components() -> dict[str, Any]:
+def _components(settings: Settings) -> dict[str, Any]:
     schemas: dict[str, Any] = {
-        "Error": _ERROR_SCHEMA,
+        "Error": _ERROR_SCHEMAS[settings.error_format],
         "UpstreamError": _UPSTREAM_ERROR_SCHEMA,
         "Health": _HEALTH_SCHEMA,
         "Ready": _READY_SCHEMA,
@@ -606,11 +646,12 @@ _DESCRIPTION = """\
 MPC-API speaks the OpenAI HTTP API and forwards every call to a LiteLLM Gateway. Every OpenAI
 route exists under `/api` (use `http://host:3000/api` as the OpenAI base URL) and `/v1`.
 
-Errors MPC-API produces itself have the shape `{"error", "message", "request_id"}` (plus
-`details` for validation errors): 400 invalid body, 404 unknown route, 405 wrong method (with
-`Allow`), 413 body too large, 502 LiteLLM failed, 504 LiteLLM too slow, 500 a bug. Errors
-LiteLLM returns for the client's own request pass through unchanged. Every response carries
-`x-request-id`.
+Errors MPC-API produces itself have OpenAI's shape, `{"error": {"message", "type", "param",
+"code"}, "message", "request_id"}` (plus `details` for validation errors; with
+`MPCAPI_ERROR_FORMAT=seed`, the seed's flat `{"error", "message", "request_id"}`): 400
+invalid body, 404 unknown route, 405 wrong method (with `Allow`), 413 body too large, 502
+LiteLLM failed, 504 LiteLLM too slow, 500 a bug. Errors LiteLLM returns for the client's own
+request pass through unchanged. Every response carries `x-request-id`.
 """
 
 
@@ -641,7 +682,7 @@ def build_document(url_map: Any, settings: Settings) -> dict[str, Any]:
             {"name": "other", "description": "Further routes"},
         ],
         "paths": dict(sorted(paths.items())),
-        "components": _components(),
+        "components": _components(settings),
     }
 
 

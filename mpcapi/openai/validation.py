@@ -131,6 +131,7 @@ class RequestValidator:
     @staticmethod
     def _error(errors: list[ValidationError]) -> ApiError:
         main = _describe(best_match(errors))
-        prefix = f"{main['field']}: " if main["field"] != "(body)" else ""
+        field = main["field"] if main["field"] != "(body)" else None
+        prefix = f"{field}: " if field else ""
         details = [_describe(error) for error in errors[:_MAX_DETAILS]]
-        return bad_request(f"{prefix}{main['message']}", details=details)
+        return bad_request(f"{prefix}{main['message']}", details=details, param=field)

@@ -51,7 +51,13 @@ MAX_CACHED = 10_000  # entries in each cache
 
 
 def unauthorized(message: str) -> ApiError:
-    return ApiError(401, "Unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
+    return ApiError(
+        401,
+        "Unauthorized",
+        message,
+        headers={"WWW-Authenticate": "Bearer"},
+        code="invalid_api_key",
+    )
 
 
 def bearer_token(authorization: bytes | str | None) -> str:

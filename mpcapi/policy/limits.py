@@ -401,6 +401,7 @@ class RateLimiter:
             429,
             "Too Many Requests",
             message,
+            code="rate_limit_exceeded",
             headers={
                 **headers,
                 "Retry-After": str(_ceil(wait)),

@@ -196,6 +196,7 @@ def build_service(
         parts.gateway.resource(),
         settings.max_body_bytes,
         settings.read_timeout,
+        settings.error_format,
         timeout=settings.idle_timeout,
         reactor=reactor,
     )

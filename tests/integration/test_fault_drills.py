@@ -248,7 +248,7 @@ def assert_mpcapi_502(outcome: Outcome) -> None:
     assert outcome.status == 502, outcome
     body = outcome.body
     assert isinstance(body, dict), outcome
-    assert body["error"] == "Bad Gateway" and body["message"], outcome
+    assert body["error"]["code"] == "bad_gateway" and body["message"], outcome
     assert body["request_id"] == outcome.request_id == outcome.headers["x-request-id"], outcome
 
 

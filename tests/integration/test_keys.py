@@ -100,7 +100,7 @@ def test_keys_from_the_cli_work_over_http_until_revoked(
         chat(daemon, "sk-mpc-" + "x" * 43)
     assert refused.value.status_code == 401
     document = refused.value.response.json()
-    assert document["error"] == "Unauthorized"
+    assert document["error"]["code"] == "invalid_api_key"
     assert document["message"] == "invalid client key"
     code, headers, raw = status_of(daemon.api_base + "/models", None)
     assert code == 401 and headers["WWW-Authenticate"] == "Bearer"

@@ -84,7 +84,7 @@ def test_the_sdk_gets_rate_limit_error_and_the_headers(start_mpcapi: StartDaemon
     error = raised.value
     assert error.status_code == 429
     document = error.response.json()
-    assert document["error"] == "Too Many Requests"
+    assert document["error"]["code"] == "rate_limit_exceeded"
     assert document["message"].startswith("rate limit of 3 requests per minute reached")
     assert document["request_id"] == error.response.headers["x-request-id"]
     retry_after = int(error.response.headers["retry-after"])

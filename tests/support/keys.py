@@ -11,6 +11,7 @@ import attrs
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 
+from mpcapi.policy.keys import bearer_token, unauthorized
 from mpcapi.storage.database import Database
 from mpcapi.storage.keys import ClientKey, create_key
 from tests.support.gateway import CHAT, Harness, make_harness
@@ -23,14 +24,17 @@ BODIES = {
 
 
 class FakeKeys:
-    """Stands in for ``KeyAuthenticator``: the bearer token is the key id."""
+    """Stands in for ``KeyAuthenticator``: the bearer token is the key id; a missing or
+    unknown one is refused with the real 401s."""
 
     def __init__(self, keys: dict[str, ClientKey]) -> None:
         self.keys = keys
 
     async def authenticate(self, authorization: bytes | str | None) -> ClientKey:
-        raw = authorization.decode() if isinstance(authorization, bytes) else authorization
-        return self.keys[(raw or "").removeprefix("Bearer ")]
+        key = self.keys.get(bearer_token(authorization))
+        if key is None:
+            raise unauthorized("invalid client key")
+        return key
 
 
 def client_key(key_id: str, user: str, rpm: int | None = None, tpm: int | None = None) -> ClientKey:

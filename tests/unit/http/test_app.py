@@ -216,7 +216,7 @@ async def test_unknown_route_is_404_in_seed_shape(harness: Harness) -> None:
     response = await harness.get("/api/nothing-here")
     assert response.code == 404
     document = await json_body(response)
-    assert document["error"] == "Not Found"
+    assert document["error"]["code"] == "not_found"
     assert "/api/nothing-here" in document["message"]
     assert document["request_id"]
 
@@ -236,7 +236,7 @@ async def test_wrong_method_is_405(harness: Harness, method: str, path: str, all
     assert response.code == 405
     assert allowed in response.headers.getRawHeaders("allow")[0]
     document = await json_body(response)
-    assert document["error"] == "Method Not Allowed"
+    assert document["error"]["code"] == "method_not_allowed"
     assert method in document["message"]
 
 
@@ -270,7 +270,7 @@ async def test_litellm_5xx_is_502(harness: Harness, status: int) -> None:
     response = await harness.post("/api/chat/completions", CHAT)
     assert response.code == 502
     document = await json_body(response)
-    assert document["error"] == "Bad Gateway"
+    assert document["error"]["code"] == "bad_gateway"
     assert f"LiteLLM answered {status}: provider exploded" == document["message"]
 
 
@@ -324,7 +324,7 @@ async def test_litellm_too_slow_is_504() -> None:
     response = await pending
     assert response.code == 504
     document = await json_body(response)
-    assert document["error"] == "Gateway Timeout"
+    assert document["error"]["code"] == "gateway_timeout"
     assert "did not answer within 30 s" in document["message"]
 
 
@@ -339,7 +339,7 @@ async def test_bug_is_500_without_traceback(harness: Harness) -> None:
     assert response.code == 500
     text = (await response.content()).decode()
     document = json.loads(text)
-    assert document["error"] == "Internal Server Error"
+    assert document["error"]["code"] == "internal_server_error"
     assert "Traceback" not in text
     assert "secret internals" not in text
     assert "ZeroDivisionError" not in text

@@ -136,6 +136,7 @@ async def running() -> AsyncIterator[Any]:
             parts.gateway.resource(),
             settings.max_body_bytes,
             settings.read_timeout,
+            settings.error_format,
             timeout=settings.idle_timeout,
         )
         connections = ConnectionCap(site, settings.max_connections)
@@ -197,7 +198,7 @@ async def test_announced_body_over_the_limit_is_refused_before_it_is_sent(runnin
     assert head.startswith(b"HTTP/1.1 413 ")
     assert b"100 Continue" not in client.received
     document = json.loads(body)
-    assert document["error"] == "Payload Too Large"
+    assert document["error"]["code"] == "payload_too_large"
     assert str(LIMIT) in document["message"]
     assert document["request_id"]
     assert gateway.upstream.bodies == []
@@ -326,7 +327,7 @@ async def test_a_malformed_request_gets_a_400_in_our_error_shape(
     status, headers, body = parse_answer(client.received)
     assert status == b"HTTP/1.1 400 Bad Request"
     document = json.loads(body)
-    assert document["error"] == "Bad Request"
+    assert document["error"]["code"] == "bad_request"
     assert document["message"]
     assert headers[b"x-request-id"] == document["request_id"].encode()
     assert headers[b"content-type"] == b"application/json"
@@ -337,6 +338,27 @@ async def test_a_malformed_request_gets_a_400_in_our_error_shape(
     assert gateway.upstream.bodies == []
     [logged] = [e for e in log_events if e.get("request_id") == document["request_id"]]
     assert (logged["status"], logged["outcome"]) == (400, "refused")
+
+
+@pytest_twisted.ensureDeferred
+async def test_answers_written_on_the_connection_follow_the_error_format(running: Any) -> None:
+    openai_style, seed = await running(), await running(error_format="seed")
+    shapes = []
+    for gateway in (openai_style, seed):
+        client = await raw_connect(gateway.port)
+        client.transport.write(request_head(LIMIT + 1))
+        await client.closed.addTimeout(5, reactor)
+        shapes.append(json.loads(client.received.partition(b"\r\n\r\n")[2])["error"])
+    message = f"request body exceeds the limit of {LIMIT} bytes"
+    assert shapes == [
+        {
+            "message": message,
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "payload_too_large",
+        },
+        "Payload Too Large",
+    ]
 
 
 @pytest_twisted.ensureDeferred
@@ -366,7 +388,7 @@ async def test_a_request_too_slow_to_arrive_gets_408(running: Any) -> None:
     await client.closed.addTimeout(5, reactor)
     head, _, body = client.received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408 ")
-    assert json.loads(body)["error"] == "Request Timeout"
+    assert json.loads(body)["error"]["code"] == "request_timeout"
     assert gateway.upstream.bodies == []
 
 
@@ -390,7 +412,7 @@ async def test_connections_past_the_cap_get_503(running: Any) -> None:
     await third.closed.addTimeout(5, reactor)
     head, _, body = third.received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503 ")
-    assert json.loads(body)["error"] == "Service Unavailable"
+    assert json.loads(body)["error"]["code"] == "service_unavailable"
     assert b"x-request-id: " + json.loads(body)["request_id"].encode() in head
     first.transport.write(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
     await first.got_data.addTimeout(5, reactor)

@@ -430,7 +430,7 @@ async def test_budget_spent_is_429(db: SyncDb, tmp_path: Path, log_events: list[
     assert refused.code == 429
     document = await json_body(refused)
     assert set(document) == {"error", "message", "request_id"}
-    assert document["error"] == "Too Many Requests"
+    assert document["error"]["code"] == "insufficient_quota"
     assert "budget" in document["message"] and "spent" in document["message"]
     models = await harness.get("/api/models", headers=bearer(secret))
     assert models.code == 429
@@ -466,7 +466,7 @@ async def test_bad_usage_queries_are_400(
     assert response.code == 400
     document = await json_body(response)
     assert set(document) == {"error", "message", "request_id"}
-    assert document["error"] == "Bad Request" and message in document["message"]
+    assert document["error"]["code"] == "bad_request" and message in document["message"]
 
 
 @pytest_twisted.ensureDeferred

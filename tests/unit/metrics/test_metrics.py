@@ -172,7 +172,7 @@ async def test_without_an_admin_key_metrics_and_stats_are_closed() -> None:
         response = await o.get(path, headers=BEARER)
         assert response.code == 403
         document = json.loads(await response.content())
-        assert document["error"] == "Forbidden"
+        assert document["error"]["code"] == "forbidden"
         assert "MPCAPI_ADMIN_KEY" in document["message"]
 
 
@@ -184,7 +184,7 @@ async def test_metrics_and_stats_need_the_admin_key() -> None:
             response = await o.get(path, headers=headers)
             assert response.code == 401, (path, headers)
             assert response.headers.getRawHeaders("www-authenticate")
-            assert json.loads(await response.content())["error"] == "Unauthorized"
+            assert json.loads(await response.content())["error"]["code"] == "invalid_api_key"
         assert (await o.get(path, headers=BEARER)).code == 200
 
 

@@ -15,7 +15,7 @@ from mpcapi.config.settings import Settings
 from mpcapi.http.app import Gateway
 from mpcapi.openai.openapi import BODY_SCHEMAS, build_document, expand_rule, routes_of
 from mpcapi.openai.validation import SCHEMA_NAMES, load_schema
-from tests.support.gateway import Harness, json_body
+from tests.support.gateway import Harness, json_body, make_harness
 
 
 def schema_validator(document: dict[str, Any], name: str) -> Draft202012Validator:
@@ -118,6 +118,21 @@ def test_error_responses_and_request_ids() -> None:
     error = document["components"]["responses"]["Error502"]["content"]["application/json"]
     assert error["schema"] == {"$ref": "#/components/schemas/Error"}
     assert "Allow" in document["components"]["responses"]["Error405"]["headers"]
+
+
+@pytest.mark.parametrize("error_format", ["openai", "seed"])
+@pytest_twisted.ensureDeferred
+async def test_each_error_format_is_documented_as_it_is_served(error_format: str) -> None:
+    harness = make_harness(error_format=error_format)
+    document = await json_body(await harness.get("/openapi.json"))
+    validator = schema_validator(document, "Error")
+    body = await json_body(await harness.post("/api/chat/completions", {"model": "m"}))
+    validator.validate(body)
+    other = "seed" if error_format == "openai" else "openai"
+    other_body = await json_body(
+        await make_harness(error_format=other).post("/api/chat/completions", {"model": "m"})
+    )
+    assert not validator.is_valid(other_body), "the documented shape tells the formats apart"
 
 
 @pytest_twisted.ensureDeferred

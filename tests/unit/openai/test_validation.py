@@ -75,7 +75,7 @@ async def test_bad_chat_body_is_400(harness: Harness, body: bytes, expected: str
     response = await harness.post("/api/chat/completions", body)
     assert response.code == 400
     document = await json_body(response)
-    assert document["error"] == "Bad Request"
+    assert document["error"]["code"] == "bad_request"
     assert expected in document["message"]
     assert document["request_id"]
     assert harness.fake.seen == [], "nothing invalid reaches LiteLLM"

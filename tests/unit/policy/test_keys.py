@@ -76,7 +76,7 @@ async def assert_401(response: Answer, message_part: str) -> None:
     assert response.headers.getRawHeaders(b"www-authenticate") == [b"Bearer"]
     document = response.json()
     assert set(document) == {"error", "message", "request_id"}
-    assert document["error"] == "Unauthorized"
+    assert document["error"]["code"] == "invalid_api_key"
     assert message_part in document["message"]
     assert document["request_id"] == response.headers.getRawHeaders(b"x-request-id")[0].decode()
 
@@ -315,7 +315,7 @@ async def test_an_unavailable_database_is_503(tmp_path: Path) -> None:
     try:
         response = await call(harness, "GET", "/api/models", f"Bearer {WELL_FORMED_UNKNOWN}")
         assert response.code == 503
-        assert response.json()["error"] == "Service Unavailable"
+        assert response.json()["error"]["code"] == "service_unavailable"
         assert harness.fake.seen == []
     finally:
         database_of(harness).close()

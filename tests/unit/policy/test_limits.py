@@ -55,7 +55,7 @@ async def test_third_request_of_two_per_minute_is_a_429_with_retry_after() -> No
 
     assert (first.code, second.code, third.code) == (200, 200, 429)
     document = await json_body(third)
-    assert document["error"] == "Too Many Requests"
+    assert document["error"]["code"] == "rate_limit_exceeded"
     assert document["message"] == "rate limit of 2 requests per minute reached; retry in 48s"
     assert document["request_id"] == header(third, "x-request-id")
     assert header(third, "retry-after") == "48"

@@ -644,7 +644,7 @@ def test_plain_http_gets_a_426(harness: Harness, path: str) -> None:
     content: list[Any] = []
     answer_.json().addBoth(content.append)
     stub.flush()
-    assert content[0]["error"] == "Upgrade Required"
+    assert content[0]["error"]["code"] == "upgrade_required"
     assert content[0]["request_id"]
 
 
@@ -796,7 +796,7 @@ def test_tokens_of_socket_streams_count_against_the_tokens_limit() -> None:
     assert "5 tokens per minute" in refusal["message"]
     response, document = http_chat(harness)  # and over HTTP too
     assert response.code == 429
-    assert document["error"] == "Too Many Requests"
+    assert document["error"]["code"] == "rate_limit_exceeded"
 
 
 def test_socket_limits_are_per_client_key() -> None:
