@@ -27,6 +27,9 @@ setup(
         "txredisapi>=1.6.0",  # Redis for shared rate limits and cache
         "psycopg[binary]>=3.1",  # PostgreSQL for client keys and usage (SQLite is built in)
         "prometheus_client>=0.20",  # /metrics, multiprocess mode with several workers
+        # Traces and GenAI metrics over OTLP/HTTP (MPCAPI_OTEL_ENDPOINT); imported only when on
+        "opentelemetry-sdk>=1.27",
+        "opentelemetry-exporter-otlp-proto-http>=1.27",
     ],
     entry_points={"console_scripts": ["mpcapi-admin = mpcapi.admin:main"]},
     extras_require={

@@ -18,6 +18,7 @@ from mpcapi.openai.usage import Usage
 if TYPE_CHECKING:
     from mpcapi.errors import ErrorFormat
     from mpcapi.storage.keys import ClientKey
+    from mpcapi.tracing.context import TraceContext
 
 WEBSOCKET = "WS"  # the method of a WebSocket message's exchange
 
@@ -33,6 +34,8 @@ class Exchange:
     client: str | None = None  # the client's address
     route: str | None = None  # the OpenAI operation (/chat/completions); None: not API traffic
     model: str | None = None
+    max_tokens: int | None = None  # the request's, as sent (traces)
+    temperature: float | None = None
     key: ClientKey | None = None  # the client key (limits, budget, owner) when auth is on
     error_format: ErrorFormat = "openai"  # the shape of MPC-API's own error answers
     # The answer
@@ -42,6 +45,7 @@ class Exchange:
     finished: float | None = None  # the clock's seconds when the call was over
     # LiteLLM's side
     upstream_status: int | None = None
+    upstream_sent_at: float | None = None  # the clock's seconds when the LiteLLM call began
     upstream_seconds: float | None = None  # until LiteLLM's response headers
     upstream_failure: str | None = None  # see ApiError.upstream_failure
     usage: Usage | None = None
@@ -55,6 +59,8 @@ class Exchange:
     content_deltas: int = 0  # events that carried text (what an abandoned stream produced)
     saw_done: bool = False  # the stream's end marker came
     stream_end: str | None = None  # how the relay saw the stream end (see http.streaming)
+    # Tracing (when an OTLP endpoint is configured): the call's W3C trace context
+    trace: TraceContext | None = None
     # WebSocket messages
     message_type: str | None = None
     message_id: str | None = None

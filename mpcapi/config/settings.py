@@ -74,6 +74,10 @@ def _url(raw: Any) -> str:
     return text.rstrip("/")
 
 
+def _optional_url(raw: Any) -> str:
+    return _url(raw) if str(raw).strip() else ""
+
+
 def _urls(raw: Any) -> str:
     """One URL, or several separated by commas (LiteLLM instances sharing the load)."""
     parts = [part for part in str(raw).split(",") if part.strip()]
@@ -376,6 +380,21 @@ SETTINGS: tuple[Setting, ...] = (
         "false: no usage ledger (no rows, no budgets, no /api/usage)",
     ),
     Setting(
+        "otel_endpoint",
+        ("MPCAPI_OTEL_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        "",
+        _optional_url,
+        "OpenTelemetry collector (OTLP/HTTP, e.g. http://otel-collector:4318): every API call "
+        "becomes spans and GenAI metrics; empty: off",
+    ),
+    Setting(
+        "otel_service_name",
+        ("MPCAPI_OTEL_SERVICE_NAME", "OTEL_SERVICE_NAME"),
+        "mpc-api",
+        _non_empty,
+        "service.name of the exported spans and metrics",
+    ),
+    Setting(
         "log_bodies",
         ("MPCAPI_LOG_BODIES",),
         False,
@@ -450,6 +469,8 @@ class Settings:
     cache_max_bytes: int = 64 * 1024 * 1024
     metrics_public: bool = False
     usage_ledger: bool = True
+    otel_endpoint: str = ""
+    otel_service_name: str = "mpc-api"
     log_bodies: bool = False
     prices: str = ""
     usage_spool: str = "mpcapi-usage.spool.jsonl"

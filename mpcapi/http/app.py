@@ -54,6 +54,7 @@ from mpcapi.upstream.client import LiteLLMClient
 
 if TYPE_CHECKING:
     from mpcapi.ledger.ledger import UsageLedger
+    from mpcapi.tracing.context import TraceContext
     from mpcapi.websocket.endpoint import WebSocketEndpoint
 
 log = Logger(namespace="mpcapi.app")
@@ -94,6 +95,7 @@ class Gateway:
         observers: list[ExchangeObserver],
         ledger: UsageLedger | None = None,
         websockets: Callable[[], WebSocketEndpoint] | None = None,
+        trace_of: Callable[[IRequest], TraceContext] | None = None,
     ) -> None:
         self.live = live
         self.clock = clock
@@ -103,6 +105,7 @@ class Gateway:
         self.observers = observers  # told of every finished exchange (after its log line)
         self.ledger = ledger  # the usage ledger (see mpcapi.ledger); None: off
         self._make_websockets = websockets
+        self.trace_of = trace_of  # tracing on: a request's trace context (see mpcapi.tracing)
         self.dashboard_assets = load_assets()
         self._openapi: tuple[Settings, bytes] | None = None
 
@@ -117,7 +120,9 @@ class Gateway:
     def resource(self) -> IResource:
         settings = self.live.current
         headed = ResponseHeaders(self.app.resource(), CorsPolicy(settings.cors_origins.split(",")))
-        logged = RequestLogging(headed, self.clock, self.observers, settings.error_format)
+        logged = RequestLogging(
+            headed, self.clock, self.observers, settings.error_format, self.trace_of
+        )
         return self.metrics.track_inflight(logged)
 
     @property

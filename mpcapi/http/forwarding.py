@@ -64,6 +64,8 @@ class Forwarding:
         body = request.content.read() if request.content is not None else b""
         document = self.validator.validate(route.schema, body)
         exchange.model = document["model"]
+        exchange.max_tokens = document.get("max_tokens")
+        exchange.temperature = document.get("temperature")
         if self.ledger is not None:
             self.ledger.note_bodies(exchange.request_id, body, None)
         streamed = route.streams and document.get("stream") is True
@@ -148,7 +150,8 @@ class Forwarding:
     async def _send(
         self, exchange: Exchange, route: Route, body: bytes | None, authorization: bytes | None
     ) -> IResponse:
-        sent_at = self.clock.seconds()
+        exchange.upstream_sent_at = sent_at = self.clock.seconds()
+        trace = exchange.trace
         response = await self.upstream.send(
             route.method,
             route.path,
@@ -156,6 +159,7 @@ class Forwarding:
             # With client keys on, the client's key is ours to check, never LiteLLM's.
             authorization=None if self.admission.keys else authorization,
             request_id=exchange.request_id,
+            trace=trace,
         )
         exchange.upstream_status = response.code
         exchange.upstream_seconds = self.clock.seconds() - sent_at

@@ -11,8 +11,8 @@ from __future__ import annotations
 import random
 import re
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.interfaces import IReactorTime
@@ -26,6 +26,9 @@ from zope.interface import Interface
 from mpcapi.errors import ErrorFormat, bad_request, render_error
 from mpcapi.exchange import WEBSOCKET, Exchange, ExchangeObserver
 
+if TYPE_CHECKING:
+    from mpcapi.tracing.context import TraceContext
+
 log = Logger(namespace="mpcapi.request")
 
 _SANE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
@@ -36,6 +39,7 @@ REQUEST_FORMAT = (
 )
 STREAM_FORMAT = REQUEST_FORMAT + " ttfb_ms={ttfb_ms} events={events}"
 WEBSOCKET_FORMAT = STREAM_FORMAT + " type={ws_type}"
+TRACE_SUFFIX = " trace_id={trace_id}"  # with tracing on
 
 
 class IExchange(Interface):
@@ -89,6 +93,8 @@ def log_fields(exchange: Exchange) -> dict[str, Any]:
         "cache": exchange.cache,
         "rate_limited": exchange.rate_limited,
     }
+    if exchange.trace is not None:
+        fields["trace_id"] = exchange.trace.trace_id_hex
     if exchange.upstream_seconds is not None:
         fields["upstream_ms"] = exchange.upstream_ms
     if exchange.upstream_failure is not None:
@@ -114,6 +120,8 @@ def report(exchange: Exchange, observers: Sequence[ExchangeObserver]) -> None:
         text = WEBSOCKET_FORMAT
     else:
         text = STREAM_FORMAT if exchange.streamed else REQUEST_FORMAT
+    if exchange.trace is not None:
+        text += TRACE_SUFFIX
     log.info(text, **log_fields(exchange))
     for observe in observers:
         try:
@@ -133,12 +141,14 @@ class RequestLogging(Resource):
         clock: IReactorTime,
         observers: Sequence[ExchangeObserver] = (),
         error_format: ErrorFormat = "openai",
+        trace_of: Callable[[IRequest], TraceContext] | None = None,
     ) -> None:
         super().__init__()
         self._wrapped = wrapped
         self._clock = clock
         self._observers = list(observers)
         self._error_format = error_format
+        self._trace_of = trace_of
 
     def render(self, request: Any) -> Any:
         now = self._clock.seconds()
@@ -150,6 +160,8 @@ class RequestLogging(Resource):
             client=getattr(request.getClientAddress(), "host", None),
             error_format=self._error_format,
         )
+        if self._trace_of is not None:
+            exchange.trace = self._trace_of(request)
         request.setComponent(IExchange, exchange)
         request.setHeader(b"x-request-id", exchange.request_id.encode("ascii"))
         request.notifyFinish().addBoth(self._finished, request, exchange)

@@ -188,6 +188,7 @@ class UsageLedger(Service):
             "outcome": exchange.outcome,
             "request_body": stored_body(request_body) if self.log_bodies else None,
             "response_body": stored_body(response_body) if self.log_bodies else None,
+            "trace_id": exchange.trace.trace_id_hex if exchange.trace is not None else None,
         }
 
     # Budgets

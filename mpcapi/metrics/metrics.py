@@ -189,6 +189,11 @@ class Metrics:
             "Usage rows the database refused (kept in the spool's .refused file, not retried)",
             registry=r,
         )
+        self.spans_dropped = Counter(
+            "mpcapi_otel_spans_dropped",
+            "Trace spans never exported: the queue was full or the collector failed",
+            registry=r,
+        )
         self.upstream_errors = Counter(
             "mpcapi_upstream_errors",
             "Requests LiteLLM failed: unreachable, timeout, status_5xx, key_refused, broken",

@@ -4,7 +4,8 @@ Each ``Route`` says what the one forwarding pipeline (``mpcapi.http.forwarding``
 serve it: LiteLLM's path (ours too, below ``/api`` and ``/v1``), the method, the schema of
 its body, whether ``"stream": true`` turns the answer into an event stream, whether answers
 may be cached, and how the usage of an answer is read. Adding a route is one entry here
-(plus its usage reader when its answers count usage differently).
+(plus its usage reader when its answers count usage differently, and its OpenTelemetry
+operation name when it calls a model).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class Route:
     streams: bool = False  # a body with "stream": true is answered with an event stream
     cacheable: bool = False  # 200 answers go to the response cache
     usage: UsageReader | None = None  # None: its answers carry no usage
+    # OpenTelemetry's gen_ai.operation.name (traces); None: not a model call
+    operation: str | None = None
 
 
 ROUTES = (
@@ -43,6 +46,7 @@ ROUTES = (
         streams=True,
         cacheable=True,
         usage=usage_of_answer,
+        operation="chat",
     ),
     Route(
         "/completions",
@@ -52,6 +56,7 @@ ROUTES = (
         streams=True,
         cacheable=True,
         usage=usage_of_answer,
+        operation="text_completion",
     ),
     Route(
         "/embeddings",
@@ -60,6 +65,7 @@ ROUTES = (
         schema="embeddings",
         cacheable=True,
         usage=usage_of_answer,
+        operation="embeddings",
     ),
 )
 BY_PATH = {route.path: route for route in ROUTES}

@@ -23,6 +23,7 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float | None = None
+    model: str | None = None  # the model the answer says answered
 
     @property
     def total_tokens(self) -> int:
@@ -34,9 +35,11 @@ def _tokens(document: Any) -> Usage | None:
     if not isinstance(usage, dict):
         return None
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    model = document.get("model")
     return Usage(
         prompt_tokens=prompt if isinstance(prompt, int) else 0,
         completion_tokens=completion if isinstance(completion, int) else 0,
+        model=model if isinstance(model, str) else None,
     )
 
 

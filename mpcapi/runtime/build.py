@@ -47,6 +47,7 @@ from mpcapi.upstream.client import LiteLLMClient
 from mpcapi.upstream.http import make_http_client, make_pool
 
 if TYPE_CHECKING:
+    from mpcapi.tracing.export import Tracing
     from mpcapi.websocket.endpoint import WebSocketEndpoint
 
 log = Logger(namespace="mpcapi")
@@ -67,6 +68,7 @@ class GatewayParts:
     admission: Admission
     forwarding: Forwarding
     gateway: Gateway
+    tracing: Tracing | None = None  # OpenTelemetry export, when an endpoint is configured
 
 
 def build_gateway(
@@ -80,14 +82,16 @@ def build_gateway(
     open_connections: dict[Any, int] | None = None,
     keys: KeyAuthenticator | None = None,
     ledger: UsageLedger | None = None,
+    tracing: Tracing | None = None,
     observers: Sequence[ExchangeObserver] = (),
 ) -> GatewayParts:
     """The request side: ``http`` is the client the LiteLLM calls go through (treq over our
     pool in the daemon, ``StubTreq`` in tests); ``reactor`` runs the databases' threads;
     ``open_connections`` (filled by the site's connection cap) lets the ledger's last flush
     wait for the requests in flight. ``keys`` and ``ledger``, when given, replace the ones
-    the settings would open (tests give their own); ``observers`` hear of every finished HTTP
-    exchange after the built-in ones (metrics, token counts, the ledger)."""
+    the settings would open (tests give their own), and so does ``tracing``; ``observers``
+    hear of every finished HTTP exchange after the built-in ones (metrics, token counts, the
+    ledger)."""
     live = LiveSettings(settings)
     upstream = LiteLLMClient(live, http, clock)
     metrics = Metrics(clock, multiproc_dir=metrics_dir)
@@ -118,6 +122,19 @@ def build_gateway(
     if ledger is not None:
         every.append(ledger.observe)
         message_observers.insert(0, ledger.observe)
+    if tracing is None and settings.otel_endpoint:
+        # OpenTelemetry on first use: the SDK would cost every worker memory it does not need.
+        from mpcapi.tracing.export import open_tracing
+
+        tracing = open_tracing(
+            settings,
+            report_dropped=metrics.spans_dropped.inc,
+            call_from_thread=reactor.callFromThread,
+            run_blocking=lambda f: threads.deferToThreadPool(reactor, reactor.getThreadPool(), f),
+        )
+    if tracing is not None:
+        every.append(tracing.observe)
+        message_observers.append(tracing.observe)
     every.extend(observers)
 
     def websockets() -> WebSocketEndpoint:
@@ -132,16 +149,38 @@ def build_gateway(
             cache,
             message_observers,
             counts_usage=ledger is not None,
+            traced=tracing is not None,
         )
 
-    gateway = Gateway(live, clock, upstream, forwarding, metrics, every, ledger, websockets)
+    gateway = Gateway(
+        live,
+        clock,
+        upstream,
+        forwarding,
+        metrics,
+        every,
+        ledger,
+        websockets,
+        trace_of=tracing.context_of if tracing is not None else None,
+    )
     # What a reload changes beyond the values these parts read from `live` when they need them.
     live.subscribe(lambda new: upstream.balancer.replace(split_urls(new.litellm_base_url)))
     live.subscribe(lambda new: limiter.use_defaults(new.default_rpm, new.default_tpm))
     if keys is not None:
         live.subscribe(lambda new: keys.forget())  # revoked keys, new limits: read them now
     return GatewayParts(
-        live, upstream, metrics, redis, limiter, cache, keys, ledger, admission, forwarding, gateway
+        live,
+        upstream,
+        metrics,
+        redis,
+        limiter,
+        cache,
+        keys,
+        ledger,
+        admission,
+        forwarding,
+        gateway,
+        tracing,
     )
 
 
@@ -203,6 +242,8 @@ def build_service(
     connections = ConnectionCap(site, settings.max_connections, open_connections)
     if parts.ledger is not None:
         parts.ledger.setServiceParent(service)
+    if parts.tracing is not None:
+        parts.tracing.setServiceParent(service)
     listening: Service
     if inherited_fd is None:
         listening = strports.service(settings.listen_endpoint, connections, reactor=reactor)

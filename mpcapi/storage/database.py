@@ -109,6 +109,12 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX usage_key_id ON usage (key_id, created_at)",
         ),
     ),
+    Migration(
+        3,
+        "usage trace ids",
+        # The W3C trace id of the call when tracing is on (see mpcapi.tracing).
+        ("ALTER TABLE usage ADD COLUMN trace_id TEXT",),
+    ),
 )
 
 

@@ -52,6 +52,7 @@ COLUMNS = (
     "outcome",
     "request_body",
     "response_body",
+    "trace_id",
 )
 
 

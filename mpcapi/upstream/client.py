@@ -31,6 +31,7 @@ from twisted.web.iweb import IResponse
 from mpcapi.config.live import LiveSettings
 from mpcapi.config.settings import without_password
 from mpcapi.errors import ApiError, bad_gateway, gateway_timeout
+from mpcapi.tracing.context import TraceContext
 from mpcapi.upstream.balancer import Balancer, Upstream, split_urls
 from mpcapi.upstream.bodies import BodyCollector, CountedResponse
 from mpcapi.upstream.http import NO_COOKIES, WireURL
@@ -153,8 +154,14 @@ class LiteLLMClient:
             url = upstream.urls[path] = WireURL.from_text(upstream.base_url + path)
         return url
 
-    def headers(self, client_authorization: bytes | None, request_id: str) -> Headers:
-        """Our key when we have one, else the client's own Authorization."""
+    def headers(
+        self,
+        client_authorization: bytes | None,
+        request_id: str,
+        trace: TraceContext | None = None,
+    ) -> Headers:
+        """Our key when we have one, else the client's own Authorization; the trace
+        context, with our LiteLLM call as the parent, when tracing is on."""
         headers = Headers(
             {
                 b"content-type": [b"application/json"],
@@ -166,6 +173,10 @@ class LiteLLMClient:
             headers.setRawHeaders(b"authorization", [b"Bearer " + self.api_key.encode("latin-1")])
         elif client_authorization:
             headers.setRawHeaders(b"authorization", [client_authorization])
+        if trace is not None:
+            headers.setRawHeaders(b"traceparent", [trace.upstream_traceparent()])
+            if trace.tracestate:
+                headers.setRawHeaders(b"tracestate", [trace.tracestate.encode("latin-1")])
         return headers
 
     async def send(
@@ -177,6 +188,7 @@ class LiteLLMClient:
         authorization: bytes | None = None,
         request_id: str,
         timeout: float | None = None,
+        trace: TraceContext | None = None,
     ) -> IResponse:
         """Send one request; return the response once its headers have arrived.
 
@@ -184,7 +196,7 @@ class LiteLLMClient:
         read (or the stream has ended, however it ended).
         """
         limit = self.timeout if timeout is None else timeout
-        headers = self.headers(authorization, request_id)
+        headers = self.headers(authorization, request_id, trace)
         balancer = self.balancer
         upstream = balancer.pick()
         assert upstream is not None

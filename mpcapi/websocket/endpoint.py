@@ -64,6 +64,7 @@ class WebSocketEndpoint:
         cache: ResponseCache,
         observers: Sequence[ExchangeObserver] = (),
         counts_usage: bool = False,
+        traced: bool = False,
     ) -> None:
         self.live = live
         self.upstream = upstream
@@ -73,6 +74,7 @@ class WebSocketEndpoint:
         self.cache = cache  # and their response cache
         self.observers = list(observers)  # told of every finished message, as for HTTP
         self.counts_usage = counts_usage  # the ledger is on: every stream asks for its usage
+        self.traced = traced  # tracing is on: every message is a span of the upgrade's trace
         # Read at start, as the HTTP body limit is (a reload does not change it).
         self.max_body_bytes = live.current.max_body_bytes
         self.factory = GatewayWebSocketFactory(self, server="mpc-api", reactor=clock)
@@ -96,11 +98,20 @@ class WebSocketEndpoint:
         return resource
 
     def session(
-        self, send: Callable[[bytes], None], path: str, authorization: bytes | None, client: str
+        self,
+        send: Callable[[bytes], None],
+        path: str,
+        authorization: bytes | None,
+        client: str,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
     ) -> WebSocketSession:
+        trace = (traceparent, tracestate) if self.traced else None
         if self.admission.keys is not None:  # the upgrade's client key is ours, not LiteLLM's
-            return WebSocketSession(self, send, path, None, client, client_key_header=authorization)
-        return WebSocketSession(self, send, path, authorization, client)
+            return WebSocketSession(
+                self, send, path, None, client, client_key_header=authorization, trace=trace
+            )
+        return WebSocketSession(self, send, path, authorization, client, trace=trace)
 
 
 __all__ = ["WebSocketEndpoint", "is_upgrade"]

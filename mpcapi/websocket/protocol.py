@@ -46,6 +46,8 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
             path=request.path,
             authorization=authorization.encode("latin-1") if authorization else None,
             client=getattr(peer, "host", None) or str(self.peer),
+            traceparent=request.headers.get("traceparent"),
+            tracestate=request.headers.get("tracestate"),
         )
 
     def onOpen(self) -> None:

@@ -25,6 +25,7 @@ from mpcapi.openai.replay import answer_of_chunks, replay_of
 from mpcapi.openai.routes import BY_PATH, Route
 from mpcapi.openai.usage import usage_of_chunk
 from mpcapi.openai.validation import parse_json_object
+from mpcapi.tracing.context import trace_context
 from mpcapi.upstream.client import check_upstream_status, error_message
 from mpcapi.websocket.stream import UpstreamStream
 
@@ -90,6 +91,7 @@ class WebSocketSession:
         authorization: bytes | None,
         client: str,
         client_key_header: bytes | None = None,
+        trace: tuple[str | None, str | None] | None = None,
     ) -> None:
         self._endpoint = endpoint
         self._clock = endpoint.clock
@@ -98,6 +100,8 @@ class WebSocketSession:
         self._authorization = authorization  # forwarded to LiteLLM (no LITELLM_API_KEY)
         self.client_key_header = client_key_header  # with client keys: checked for each request
         self._client = client
+        # Tracing on: the upgrade's traceparent and tracestate, which each message continues.
+        self._trace = trace
         self.calls: dict[str, Message] = {}  # the requests in flight, by their id
         self.paused = False
         self.messages = 0
@@ -168,6 +172,8 @@ class WebSocketSession:
             client=self._client,
             streamed=True,
         )
+        if self._trace is not None:
+            exchange.trace = trace_context(*self._trace)
         return Message(exchange)
 
     def _read(self, message: Message, payload: bytes, is_binary: bool) -> bytes | None:
@@ -235,12 +241,14 @@ class WebSocketSession:
         if await self._replayed(message):
             return
         assert message.route is not None
+        exchange.upstream_sent_at = self._clock.seconds()
         response = await endpoint.upstream.send(
             message.route.method,
             message.route.path,
             body=body,
             authorization=self._authorization,
             request_id=exchange.request_id,
+            trace=exchange.trace,
         )
         exchange.upstream_status = response.code
         if response.code != 200:

@@ -86,8 +86,8 @@ def test_schema_violation_is_rejected_by_mpcapi(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, temperature=5)
     body = caught.value.response.json()
-    assert isinstance(body["error"], str)
-    assert "temperature" in body["message"]
+    assert body["error"]["param"] == "temperature"
+    assert "temperature" in body["message"] and body["message"] == body["error"]["message"]
     assert body["request_id"]
 
 

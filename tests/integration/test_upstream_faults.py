@@ -22,8 +22,9 @@ def chat(daemon: Daemon, model: str = "gpt-4o-mini") -> None:
 def assert_mpcapi_error(error: openai.APIStatusError, status: int) -> None:
     assert error.status_code == status
     body = error.response.json()
-    assert isinstance(body["error"], str)
-    assert body["message"]
+    assert body["error"]["type"] == ("server_error" if status >= 500 else "invalid_request_error")
+    assert body["message"] and body["message"] == body["error"]["message"]
+    assert error.message.endswith(body["message"])  # what the SDK shows
     assert body["request_id"] == error.response.headers["x-request-id"]
     assert "Traceback" not in error.response.text
 

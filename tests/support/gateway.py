@@ -156,13 +156,15 @@ def make_harness(
     ledger: UsageLedger | None = None,
     reactor: Any = None,
     observers: Sequence[ExchangeObserver] = (),
+    tracing: Any = None,
     **overrides: Any,
 ) -> Harness:
     """A gateway made by the composition root, with ``overrides`` of its settings.
 
     Its clock (``clock``, or a new one) starts at ``now``. ``http`` replaces the StubTreq of
     ``fake`` as the LiteLLM client; ``keys`` and ``ledger`` replace the ones the settings
-    would open; ``reactor`` runs the databases' threads (the global reactor by default);
+    would open, and ``tracing`` the one ``otel_endpoint`` would; ``reactor`` runs the
+    databases' threads (the global reactor by default);
     ``observers`` hear of every finished HTTP exchange."""
     settings = gateway_settings(**overrides)
     fake = fake or FakeLiteLLM()
@@ -174,7 +176,14 @@ def make_harness(
 
         reactor = global_reactor
     parts = build_gateway(
-        settings, reactor, clock, upstream_stub, keys=keys, ledger=ledger, observers=observers
+        settings,
+        reactor,
+        clock,
+        upstream_stub,
+        keys=keys,
+        ledger=ledger,
+        tracing=tracing,
+        observers=observers,
     )
     client = StubTreq(parts.gateway.resource())
     return Harness(fake, clock, upstream_stub, client, parts)

@@ -362,7 +362,7 @@ async def test_finished_requests_report_route_tokens_and_cost() -> None:
     assert exchange.status == 200
     assert exchange.model == "gpt-4o-mini"
     assert exchange.upstream_status == 200
-    assert exchange.usage == Usage(3, 1, 0.00042)
+    assert exchange.usage == Usage(3, 1, 0.00042, model="gpt-4o-mini")
     assert exchange.outcome == "completed"
 
 

@@ -1,0 +1,1 @@
+"""OpenTelemetry traces and metrics of API calls (off unless an OTLP endpoint is set)."""
