@@ -369,6 +369,32 @@ def policy(args: argparse.Namespace, sup: Supervisor) -> int:
         clean_redis(args.redis_url, envs["redis"]["MPCAPI_REDIS_PREFIX"])
 
 
+# In an environment value of compare(): the floor's URL (nginx also takes OTLP posts).
+FLOOR_URL = "@FLOOR_URL@"
+
+
+def otel(args: argparse.Namespace, sup: Supervisor) -> int:
+    """OpenTelemetry on (spans and metrics exported to nginx, which takes OTLP/HTTP posts)
+    against off, on the chat route."""
+    envs = {
+        "off": dict(args.env),
+        "otel": {
+            **args.env,
+            "MPCAPI_OTEL_ENDPOINT": FLOOR_URL,
+            "OTEL_METRIC_EXPORT_INTERVAL": "1000",
+        },
+    }
+    return compare(
+        args,
+        sup,
+        "otel",
+        envs,
+        [("off", "off", CHAT_LUA), ("tracing on", "otel", CHAT_LUA)],
+        [("tracing on", "off", "tracing on / off")],
+        target="tracing on keeps most of the speed of off (report the ratio)",
+    )
+
+
 def ledger(args: argparse.Namespace, sup: Supervisor) -> int:
     """The usage ledger on (SQLite, PostgreSQL) against off, on the chat route; the rows
     waiting for the database (``mpcapi_usage_queue_rows``) are sampled during every run."""
@@ -463,8 +489,15 @@ def compare(
     the ratios of the best rounds (``comparisons``: label a, label b, name of a / b). Each
     run also records the daemon's CPU time per request, which other load disturbs less."""
     floor = start_floor(sup)
+    floor_url = f"http://127.0.0.1:{floor.port}"
     procs = {
-        name: start_mpcapi(sup, floor.port, args.workers, env, name=f"mpcapi-{name}")
+        name: start_mpcapi(
+            sup,
+            floor.port,
+            args.workers,
+            {key: value.replace(FLOOR_URL, floor_url) for key, value in env.items()},
+            name=f"mpcapi-{name}",
+        )
         for name, env in envs.items()
     }
     rows: list[dict[str, Any]] = []
@@ -676,7 +709,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="instructions per request under valgrind's callgrind: reference vs MPC-API",
     )
-    p.add_argument("--rounds", type=int, default=2, help="policy and ledger modes: rounds (2)")
+    p.add_argument(
+        "--otel",
+        action="store_true",
+        help="OpenTelemetry tracing on (exporting to the nginx stand-in) vs off",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=2, help="policy, ledger and otel modes: rounds (2)"
+    )
     p.add_argument(
         "--postgres-url",
         default="postgresql://postgres@127.0.0.1:5432/test",
@@ -710,6 +750,8 @@ def main(argv: list[str]) -> int:
             return policy(args, sup)
         if args.ledger:
             return ledger(args, sup)
+        if args.otel:
+            return otel(args, sup)
         if args.instructions:
             return instructions(args, sup)
         return memory(args, sup) if args.memory else throughput(args, sup)

@@ -59,6 +59,9 @@ class Exchange:
     content_deltas: int = 0  # events that carried text (what an abandoned stream produced)
     saw_done: bool = False  # the stream's end marker came
     stream_end: str | None = None  # how the relay saw the stream end (see http.streaming)
+    # With MPCAPI_LOG_BODIES: the bodies as sent (the ledger and traces store them redacted)
+    request_body: bytes | None = None
+    response_body: bytes | None = None  # whole answers only
     # Tracing (when an OTLP endpoint is configured): the call's W3C trace context
     trace: TraceContext | None = None
     # WebSocket messages

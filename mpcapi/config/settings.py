@@ -399,7 +399,8 @@ SETTINGS: tuple[Setting, ...] = (
         ("MPCAPI_LOG_BODIES",),
         False,
         _boolean,
-        "true: the usage ledger also stores request and response bodies (credentials redacted)",
+        "true: the usage ledger (and trace spans) also store request and response bodies "
+        "(credentials redacted)",
     ),
     Setting(
         "prices",

@@ -48,6 +48,7 @@ class Forwarding:
     cache: ResponseCache
     validator: RequestValidator = attrs.field(factory=RequestValidator)
     ledger: UsageLedger | None = None  # on: every stream asks LiteLLM for its usage
+    keep_bodies: bool = False  # MPCAPI_LOG_BODIES: the bodies go on the exchange
 
     async def serve(self, request: Request, route: Route) -> bytes | None:
         """The answer's body (its status and headers set), or None once a relayed stream
@@ -66,8 +67,8 @@ class Forwarding:
         exchange.model = document["model"]
         exchange.max_tokens = document.get("max_tokens")
         exchange.temperature = document.get("temperature")
-        if self.ledger is not None:
-            self.ledger.note_bodies(exchange.request_id, body, None)
+        if self.keep_bodies:
+            exchange.request_body = body
         streamed = route.streams and document.get("stream") is True
         store_key: str | None = None
         if route.cacheable and self.cache.enabled:
@@ -110,8 +111,8 @@ class Forwarding:
         if code == 200 and route.usage is not None:
             costs = response.headers.getRawHeaders(COST_HEADER)
             exchange.usage = route.usage(answer, costs[0] if costs else None)
-        if self.ledger is not None:
-            self.ledger.note_bodies(exchange.request_id, None, answer)
+        if self.keep_bodies:
+            exchange.response_body = answer
         return _relay(request, code, response, answer)
 
     async def _stream(

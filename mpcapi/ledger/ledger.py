@@ -115,7 +115,6 @@ class UsageLedger(Service):
         self.dropped = 0  # rows lost because neither the database nor the spool file took them
         self.refused_path = refused_path_of(spool_path)
         self.refused = 0  # rows the database refused, kept in refused_path
-        self._bodies: dict[str, tuple[bytes | None, bytes | None]] = {}
         self._flushing = False
         self._loop: task.LoopingCall | None = None
         self._last_attempt = -RETRY_EVERY
@@ -134,15 +133,6 @@ class UsageLedger(Service):
         self._warned: set[str] = set()
 
     # The request side
-
-    def note_bodies(self, request_id: str, request: bytes | None, response: bytes | None) -> None:
-        """Keep a request's bodies for its row (only with ``MPCAPI_LOG_BODIES``)."""
-        if self.log_bodies:
-            previous = self._bodies.get(request_id, (None, None))
-            self._bodies[request_id] = (
-                request if request is not None else previous[0],
-                response if response is not None else previous[1],
-            )
 
     def observe(self, exchange: Exchange) -> None:
         """Exchange observer: queue the finished call's row (or spool it if the queue is
@@ -165,7 +155,6 @@ class UsageLedger(Service):
     def row_of(self, exchange: Exchange) -> dict[str, Any]:
         cost, source, prompt, completion = cost_of(exchange, self.prices)
         request_id = exchange.request_id
-        request_body, response_body = self._bodies.pop(request_id, (None, None))
         return {
             "request_id": request_id,
             "created_at": iso_millis(exchange.started),
@@ -186,8 +175,8 @@ class UsageLedger(Service):
             "cost_source": source,
             "cache": exchange.cache,
             "outcome": exchange.outcome,
-            "request_body": stored_body(request_body) if self.log_bodies else None,
-            "response_body": stored_body(response_body) if self.log_bodies else None,
+            "request_body": stored_body(exchange.request_body) if self.log_bodies else None,
+            "response_body": stored_body(exchange.response_body) if self.log_bodies else None,
             "trace_id": exchange.trace.trace_id_hex if exchange.trace is not None else None,
         }
 

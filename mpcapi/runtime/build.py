@@ -115,7 +115,9 @@ def build_gateway(
         )
     admission = Admission(limiter, keys, ledger)
     validator = RequestValidator()
-    forwarding = Forwarding(live, upstream, clock, admission, cache, validator, ledger)
+    forwarding = Forwarding(
+        live, upstream, clock, admission, cache, validator, ledger, settings.log_bodies
+    )
     every: list[ExchangeObserver] = [limiter.count_tokens, metrics.observe]
     # WebSocket messages count their tokens and have their rows, as HTTP requests do.
     message_observers: list[ExchangeObserver] = [limiter.count_tokens]

@@ -13,6 +13,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 from opentelemetry.trace.span import TraceState
 
 from mpcapi.exchange import WEBSOCKET, Exchange
+from mpcapi.ledger.bodies import stored_body
 from mpcapi.openai.routes import BY_PATH
 from mpcapi.tracing.context import TraceContext
 
@@ -85,6 +86,14 @@ def _server_attributes(exchange: Exchange) -> dict[str, Any]:
         attributes["mpcapi.cost_usd"] = exchange.usage.cost_usd
     if exchange.streamed:
         attributes["mpcapi.stream.events"] = exchange.events
+    # Only with MPCAPI_LOG_BODIES (else the exchange holds none): redacted as in the ledger.
+    for name, body in (
+        ("mpcapi.request.body", exchange.request_body),
+        ("mpcapi.response.body", exchange.response_body),
+    ):
+        stored = stored_body(body)
+        if stored is not None:
+            attributes[name] = stored
     return attributes
 
 
@@ -106,6 +115,32 @@ def _client_status(exchange: Exchange, attributes: dict[str, Any]) -> Status:
     return Status(StatusCode.UNSET)
 
 
+def _span(
+    origin: tuple[Resource, InstrumentationScope],
+    name: str,
+    context: SpanContext,
+    parent: SpanContext | None,
+    attributes: dict[str, Any],
+    kind: SpanKind,
+    status: Status,
+    start: float,
+    end: float,
+) -> ReadableSpan:
+    resource, scope = origin
+    return ReadableSpan(
+        name,
+        context=context,
+        parent=parent,
+        resource=resource,
+        attributes=attributes,
+        kind=kind,
+        instrumentation_scope=scope,
+        status=status,
+        start_time=_nanos(start),
+        end_time=_nanos(end),
+    )
+
+
 def spans_of(
     exchange: Exchange, resource: Resource, scope: InstrumentationScope
 ) -> list[ReadableSpan]:
@@ -113,6 +148,7 @@ def spans_of(
     trace = exchange.trace
     assert trace is not None
     state = _trace_state(trace)
+    resource_and_scope = (resource, scope)
     server = SpanContext(trace.trace_id, trace.span_id, False, _SAMPLED, state)
     parent = None
     if trace.parent_span_id is not None:
@@ -123,17 +159,16 @@ def spans_of(
     attributes = {**gen_ai, **_server_attributes(exchange)}
     status = _server_status(exchange, attributes)
     spans = [
-        ReadableSpan(
+        _span(
+            resource_and_scope,
             name,
-            context=server,
-            parent=parent,
-            resource=resource,
-            attributes=attributes,
-            kind=SpanKind.SERVER,
-            instrumentation_scope=scope,
-            status=status,
-            start_time=_nanos(exchange.started),
-            end_time=_nanos(end),
+            server,
+            parent,
+            attributes,
+            SpanKind.SERVER,
+            status,
+            exchange.started,
+            end,
         )
     ]
     if exchange.upstream_sent_at is not None:
@@ -144,18 +179,19 @@ def spans_of(
         if exchange.upstream_status is not None:
             client_attributes["http.response.status_code"] = exchange.upstream_status
         client_status = _client_status(exchange, client_attributes)
+        client = SpanContext(trace.trace_id, trace.upstream_span_id, False, _SAMPLED, state)
+        sent = exchange.upstream_sent_at
         spans.append(
-            ReadableSpan(
+            _span(
+                resource_and_scope,
                 name,
-                context=SpanContext(trace.trace_id, trace.upstream_span_id, False, _SAMPLED, state),
-                parent=server,
-                resource=resource,
-                attributes=client_attributes,
-                kind=SpanKind.CLIENT,
-                instrumentation_scope=scope,
-                status=client_status,
-                start_time=_nanos(exchange.upstream_sent_at),
-                end_time=_nanos(max(end, exchange.upstream_sent_at)),
+                client,
+                server,
+                client_attributes,
+                SpanKind.CLIENT,
+                client_status,
+                sent,
+                max(end, sent),
             )
         )
     return spans

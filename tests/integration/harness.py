@@ -30,12 +30,13 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 from openai.types.chat import ChatCompletionMessageParam
 
+from tests.support.httpserver import serving
 from tests.support.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -414,17 +415,9 @@ def fake_upstream() -> Iterator[FakeUpstream]:
     """An HTTP server that answers every request as its ``FakeUpstream`` says (200 ``{}`` until
     told otherwise) and records the requests."""
     upstream = FakeUpstream()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _fake_upstream_handler(upstream))
-    server.daemon_threads = True
-    upstream.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, name="fake-upstream", daemon=True)
-    thread.start()
-    try:
+    with serving(_fake_upstream_handler(upstream), "fake-upstream") as url:
+        upstream.url = url
         yield upstream
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=STOP_TIMEOUT)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float) -> bool:

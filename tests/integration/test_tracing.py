@@ -17,6 +17,7 @@ from tests.support.otlp import ReceivedSpan, Receiver, otlp_receiver
 from tests.support.ports import closed_port
 
 from .harness import HELLO, MOCK_TEXT, Daemon, FakeUpstream, wait_until
+from .test_websocket import CHAT, send, socket, until_the_end
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
@@ -189,3 +190,24 @@ def test_a_collector_that_is_down_or_slow_changes_no_answer(
 
             assert wait_until(lambda: dropped() >= 40, 30), dropped()
             assert "OpenTelemetry collector did not take a batch" in daemon.log_text()
+
+
+def test_websocket_messages_are_spans_of_the_upgrades_trace(
+    start_mpcapi: Callable[..., Daemon], receiver: Receiver
+) -> None:
+    daemon = traced(start_mpcapi, receiver.url)
+    with socket(daemon, additional_headers={"traceparent": TRACEPARENT}) as connection:
+        for message_id in ("a", "b"):
+            send(connection, {"id": message_id, "type": "chat.completions", "body": CHAT})
+            assert until_the_end(connection, message_id)[-1]["type"] == "done"
+    spans = receiver.wait_for_spans(4)
+    servers = [s for s in spans if s.kind == SERVER]
+    assert len(servers) == 2
+    assert {s.trace_id for s in servers} == {TRACE}
+    assert {s.parent_span_id for s in servers} == {PARENT}
+    assert len({s.span_id for s in servers}) == 2
+    for server in servers:
+        assert server.attributes["mpcapi.websocket.message_type"] == "chat.completions"
+        assert server.attributes["gen_ai.operation.name"] == "chat"
+        [call] = [s for s in spans if s.kind == CLIENT and s.parent_span_id == server.span_id]
+        assert call.attributes["http.response.status_code"] == 200

@@ -249,3 +249,20 @@ def test_the_thread_exports_in_the_background() -> None:
     shipper.ship([ReadableSpan("a")])
     shipper.stop()
     assert [s.name for s in exporter.get_finished_spans()] == ["a"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_bodies_are_exported_redacted_only_with_log_bodies() -> None:
+    body = {**CHAT, "api_key": "sk-secretsecret"}
+    plain = Traced()
+    await plain.harness.post("/api/chat/completions", body)
+    [server] = [s for s in plain.spans() if s.kind is SpanKind.SERVER]
+    assert not {"mpcapi.request.body", "mpcapi.response.body"} & set(server.attributes or {})
+    logged = Traced(log_bodies=True)
+    await logged.harness.post("/api/chat/completions", body)
+    [server] = [s for s in logged.spans() if s.kind is SpanKind.SERVER]
+    attributes = dict(server.attributes or {})
+    assert '"api_key":"[redacted]"' in attributes["mpcapi.request.body"]
+    assert "sk-secretsecret" not in attributes["mpcapi.request.body"]
+    assert '"content":"Hello!"' in attributes["mpcapi.request.body"]
+    assert '"content":"Hi"' in attributes["mpcapi.response.body"]
