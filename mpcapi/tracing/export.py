@@ -11,6 +11,7 @@ the SDK's periodic reader (its own thread, every ``OTEL_METRIC_EXPORT_INTERVAL``
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,6 +32,7 @@ from twisted.web.iweb import IRequest
 from mpcapi import __version__
 from mpcapi.config.settings import Settings
 from mpcapi.exchange import Exchange
+from mpcapi.metrics.labels import LabelCap, short
 from mpcapi.openai.routes import BY_PATH
 from mpcapi.tracing.context import TraceContext, trace_context
 from mpcapi.tracing.spans import spans_of
@@ -41,6 +43,7 @@ MAX_QUEUED_SPANS = 2048
 BATCH_SIZE = 512
 EXPORT_DELAY = 1.0  # seconds a span may wait for its batch
 STOP_TIMEOUT = 5.0  # seconds the last export may take when the daemon stops
+MODEL_SERIES = 50  # models with metric series of their own; the rest are "other"
 
 
 class SpanShipper:
@@ -122,10 +125,27 @@ class SpanShipper:
                 )
 
 
+class _HashedResource(Resource):
+    """A Resource that hashes once: the OTLP encoder groups spans by resource, and
+    Resource.__hash__ serialises every attribute to JSON each time (per span)."""
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(dict(resource.attributes), resource.schema_url)
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return super().__eq__(other)
+
+
 class GenAIMeters:
     """The GenAI metrics of model calls: token usage, duration, time to first token."""
 
     def __init__(self, meter: Meter) -> None:
+        # As in /metrics: a model names its series once LiteLLM served it (50 at most).
+        self._models = LabelCap(MODEL_SERIES)
         self.tokens = meter.create_histogram(
             "gen_ai.client.token.usage", unit="{token}", description="Tokens used per call"
         )
@@ -142,15 +162,15 @@ class GenAIMeters:
         route = BY_PATH.get(exchange.route or "")
         if route is None or route.operation is None:
             return
-        attributes: dict[str, Any] = {"gen_ai.operation.name": route.operation}
-        if exchange.model is not None:
-            attributes["gen_ai.request.model"] = exchange.model
+        model = None
+        if exchange.model:
+            served = exchange.upstream_status == 200 or exchange.cache == "hit"
+            model = self._models(short(exchange.model), admit=served)
+        attributes, inputs, outputs = self._attributes(route.operation, model)
         usage = exchange.usage
         if usage is not None:
-            self.tokens.record(usage.prompt_tokens, {**attributes, "gen_ai.token.type": "input"})
-            self.tokens.record(
-                usage.completion_tokens, {**attributes, "gen_ai.token.type": "output"}
-            )
+            self.tokens.record(usage.prompt_tokens, inputs)
+            self.tokens.record(usage.completion_tokens, outputs)
         if exchange.finished is not None:
             timing = attributes
             if exchange.status >= 400:
@@ -158,6 +178,20 @@ class GenAIMeters:
             self.duration.record(exchange.finished - exchange.started, timing)
         if exchange.streamed and exchange.first_byte_at is not None:
             self.first_token.record(exchange.first_byte_at - exchange.started, attributes)
+
+    @functools.lru_cache(maxsize=4 * MODEL_SERIES)  # noqa: B019 (one instance per process)
+    def _attributes(
+        self, operation: str, model: str | None
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """The attributes of a call, and of its input and output tokens (made once)."""
+        attributes: dict[str, Any] = {"gen_ai.operation.name": operation}
+        if model is not None:
+            attributes["gen_ai.request.model"] = model
+        return (
+            attributes,
+            {**attributes, "gen_ai.token.type": "input"},
+            {**attributes, "gen_ai.token.type": "output"},
+        )
 
 
 class Tracing(Service):
@@ -217,9 +251,8 @@ def open_tracing(
 ) -> Tracing:
     """``Tracing`` exporting to ``settings.otel_endpoint`` (OTLP/HTTP: /v1/traces, /v1/metrics)."""
     base = settings.otel_endpoint.rstrip("/")
-    resource = Resource.create(
-        {"service.name": settings.otel_service_name, "service.version": __version__}
-    )
+    names = {"service.name": settings.otel_service_name, "service.version": __version__}
+    resource = _HashedResource(Resource.create(names))
 
     def warn(message: str) -> None:
         call_from_thread(log.warn, "{message} ({endpoint})", message=message, endpoint=base)

@@ -266,3 +266,21 @@ async def test_bodies_are_exported_redacted_only_with_log_bodies() -> None:
     assert "sk-secretsecret" not in attributes["mpcapi.request.body"]
     assert '"content":"Hello!"' in attributes["mpcapi.request.body"]
     assert '"content":"Hi"' in attributes["mpcapi.response.body"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_models_litellm_never_served_share_one_metric_series() -> None:
+    traced = Traced()
+    traced.harness.fake.routes[("POST", "/chat/completions")] = answer(
+        404, {"error": {"message": "no such model"}}
+    )
+    for model in ("made-up-1", "made-up-2"):
+        assert (
+            await traced.harness.post("/api/chat/completions", {**CHAT, "model": model})
+        ).code == 404
+    [duration] = traced.metrics()["gen_ai.client.operation.duration"]
+    assert duration.count == 2
+    assert duration.attributes["gen_ai.request.model"] == "other"
+    # The spans still name the model asked for.
+    names = {s.name for s in traced.spans() if s.kind is SpanKind.SERVER}
+    assert names == {"chat made-up-1", "chat made-up-2"}
