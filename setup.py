@@ -38,6 +38,7 @@ setup(
             "pytest-twisted>=1.14",
             "openai>=1.50",
             "langchain-openai>=0.3",  # the SDK error tests (tests/integration/test_sdk_errors.py)
+            "opentelemetry-proto>=1.27",  # the OTLP receiver of the tracing tests
             "ruff>=0.6",
             "mypy>=1.11",
             "mypy-zope>=1.0",
