@@ -40,6 +40,7 @@ from common import (
     Proc,
     RunFailed,
     Supervisor,
+    cpu_seconds,
     exit_text,
     fd_count,
     fmt_mib,
@@ -419,6 +420,7 @@ async def open_phase(args: argparse.Namespace, client: Client, targets: Targets)
     stats_url = targets.control + b"/stats"
     await client.json(b"POST", stats_url)  # peaks := now
     before = proc_status(pid)
+    cpu_before = cpu_seconds(pid)
     kernel_before = tcp_counters()
     counter = OpenCounter(n)
     samples: list[dict[str, Any]] = []
@@ -466,9 +468,11 @@ async def open_phase(args: argparse.Namespace, client: Client, targets: Targets)
     if snapshots:
         during = await snapshots[0]
 
+    cpu = cpu_seconds(pid) - cpu_before
     kernel_after = tcp_counters()
     all_open = [s for s in samples if s["open"] == n]
     latencies = [x for s in streams for x in s.latencies]
+    rss_all_open = max((s["rss_kib"] for s in all_open), default=None)
     ttfbs = [t for s in streams if (t := s.ttfb) is not None]
     start, stop = counter.all_open_at, counter.first_close_after_all_open
     steady = [
@@ -514,7 +518,14 @@ async def open_phase(args: argparse.Namespace, client: Client, targets: Targets)
         "upstream_peak_connections": after_stats.get("peak_connections"),
         "upstream_peak_streams": after_stats.get("peak_streams"),
         "mpcapi_rss_before_kib": before.get("VmRSS", 0),
-        "mpcapi_rss_max_while_all_open_kib": max((s["rss_kib"] for s in all_open), default=None),
+        "mpcapi_rss_max_while_all_open_kib": rss_all_open,
+        # What one open stream costs: the growth from before to all open, per stream.
+        "mpcapi_kib_per_open_stream": (
+            (rss_all_open - before.get("VmRSS", 0)) / n if rss_all_open is not None else None
+        ),
+        "events_relayed": len(latencies),
+        "mpcapi_cpu_s": cpu,
+        "mpcapi_cpu_ms_per_1000_events": cpu / max(len(latencies), 1) * 1e6,
         "mpcapi_rss_samples_while_all_open": len(all_open),
         "mpcapi_fds_max": max((s["fds"] for s in samples), default=None),
         "mpcapi_rss_after_kib": end.get("VmRSS", 0),
@@ -723,6 +734,13 @@ def print_report(data: dict[str, Any]) -> None:
             f" max {fmt_mib(opened['mpcapi_rss_max_while_all_open_kib'] or 0)} while all were open"
             f" ({opened['mpcapi_rss_samples_while_all_open']} samples),"
             f" {fmt_mib(opened['mpcapi_rss_after_kib'])} after; open fds max {fds}"
+        )
+        per_stream = opened["mpcapi_kib_per_open_stream"]
+        per_stream_text = f"{per_stream:,.1f} KiB" if per_stream is not None else "?"
+        print(
+            f"  per open stream: {per_stream_text} of MPC-API's RSS (target <= 40 KiB);"
+            f" CPU {opened['mpcapi_cpu_ms_per_1000_events']:,.1f} ms per 1,000 events"
+            f" ({opened['events_relayed']:,} events, {opened['mpcapi_cpu_s']:.1f} s of CPU)"
         )
         for line in opened["failed_checks"]:
             print(f"  CHECK FAILED: {line}")
