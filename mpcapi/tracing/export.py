@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -253,6 +254,11 @@ def open_tracing(
     base = settings.otel_endpoint.rstrip("/")
     names = {"service.name": settings.otel_service_name, "service.version": __version__}
     resource = _HashedResource(Resource.create(names))
+
+    # The span exporter logs every failed attempt through the standard library; our warning
+    # says it once per outage. The metric exporter keeps its errors (not its retries).
+    logging.getLogger(OTLPSpanExporter.__module__).setLevel(logging.CRITICAL)
+    logging.getLogger(OTLPMetricExporter.__module__).setLevel(logging.ERROR)
 
     def warn(message: str) -> None:
         call_from_thread(log.warn, "{message} ({endpoint})", message=message, endpoint=base)
