@@ -152,7 +152,6 @@ class Forwarding:
         self, exchange: Exchange, route: Route, body: bytes | None, authorization: bytes | None
     ) -> IResponse:
         exchange.upstream_sent_at = sent_at = self.clock.seconds()
-        trace = exchange.trace
         response = await self.upstream.send(
             route.method,
             route.path,
@@ -160,7 +159,7 @@ class Forwarding:
             # With client keys on, the client's key is ours to check, never LiteLLM's.
             authorization=None if self.admission.keys else authorization,
             request_id=exchange.request_id,
-            trace=trace,
+            trace=exchange.trace,
         )
         exchange.upstream_status = response.code
         exchange.upstream_seconds = self.clock.seconds() - sent_at

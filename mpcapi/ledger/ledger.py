@@ -85,7 +85,6 @@ class UsageLedger(Service):
         spool_path: str,
         in_thread: InThread,
         *,
-        log_bodies: bool = False,
         max_queue: int = MAX_QUEUE,
         batch: int = BATCH,
         idle: Callable[[], bool] | None = None,
@@ -101,7 +100,6 @@ class UsageLedger(Service):
         self.prices = prices
         self.spool_path = spool_path
         self._in_thread = in_thread
-        self.log_bodies = log_bodies
         self.max_queue = max_queue
         self.batch = batch
         self._idle = idle  # whether no request is in flight (the last flush waits for it)
@@ -154,9 +152,8 @@ class UsageLedger(Service):
 
     def row_of(self, exchange: Exchange) -> dict[str, Any]:
         cost, source, prompt, completion = cost_of(exchange, self.prices)
-        request_id = exchange.request_id
         return {
-            "request_id": request_id,
+            "request_id": exchange.request_id,
             "created_at": iso_millis(exchange.started),
             "key_id": exchange.key_id,
             "user": exchange.user,
@@ -175,8 +172,9 @@ class UsageLedger(Service):
             "cost_source": source,
             "cache": exchange.cache,
             "outcome": exchange.outcome,
-            "request_body": stored_body(exchange.request_body) if self.log_bodies else None,
-            "response_body": stored_body(exchange.response_body) if self.log_bodies else None,
+            # The exchange holds its bodies only with MPCAPI_LOG_BODIES (see http.forwarding).
+            "request_body": stored_body(exchange.request_body),
+            "response_body": stored_body(exchange.response_body),
             "trace_id": exchange.trace.trace_id_hex if exchange.trace is not None else None,
         }
 
@@ -484,7 +482,6 @@ def open_ledger(
         PriceTable.load(settings.prices),
         spool,
         in_thread,
-        log_bodies=settings.log_bodies,
         idle=idle,
         stop_wait=settings.drain_seconds + 1,
         writer=RowWriter(reactor, settings.database_url),

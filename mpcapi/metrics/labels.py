@@ -77,5 +77,15 @@ class LabelCap:
         return OTHER
 
 
+def model_label(models: LabelCap, exchange: Exchange) -> str:
+    """The model label of a call ("" without a model). A model becomes a label value once
+    LiteLLM served it: made-up names stay "other", so clients cannot grow the series."""
+    model = exchange.model
+    if not model:
+        return ""
+    served = exchange.upstream_status == 200 or exchange.cache == "hit"
+    return models(short(model), admit=served)
+
+
 def short(value: Any, limit: int = 120) -> str:
     return str(value)[:limit]

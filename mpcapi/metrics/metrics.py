@@ -52,6 +52,7 @@ from mpcapi.metrics.labels import (
     LabelCap,
     failure_kind,
     is_api_traffic,
+    model_label,
     route_of,
     short,
 )
@@ -249,7 +250,7 @@ class Metrics:
         route = route_of(exchange)
         method = exchange.method if exchange.method in METHODS else OTHER
         status = exchange.status
-        model = self._model_label(exchange)
+        model = model_label(self._models, exchange)
         self._child(self.requests, route, method, str(status), model).inc()
         self._child(self.request_duration, route).observe(exchange.duration_ms / 1000)
         upstream_ms = exchange.upstream_ms
@@ -299,14 +300,6 @@ class Metrics:
         if child is None:
             child = self._children[key] = family.labels(*values)
         return child
-
-    def _model_label(self, exchange: Exchange) -> str:
-        model = exchange.model
-        if not model:
-            return ""
-        # A model becomes a label value once LiteLLM served it: made-up names stay "other".
-        served = exchange.upstream_status == 200 or exchange.cache == "hit"
-        return self._models(short(model), admit=served)
 
     def _error_record(
         self, exchange: Exchange, route: str, status: int, kind: str | None

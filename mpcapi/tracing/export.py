@@ -33,7 +33,7 @@ from twisted.web.iweb import IRequest
 from mpcapi import __version__
 from mpcapi.config.settings import Settings
 from mpcapi.exchange import Exchange
-from mpcapi.metrics.labels import LabelCap, short
+from mpcapi.metrics.labels import LabelCap, model_label
 from mpcapi.openai.routes import BY_PATH
 from mpcapi.tracing.context import TraceContext, trace_context
 from mpcapi.tracing.spans import spans_of
@@ -163,10 +163,7 @@ class GenAIMeters:
         route = BY_PATH.get(exchange.route or "")
         if route is None or route.operation is None:
             return
-        model = None
-        if exchange.model:
-            served = exchange.upstream_status == 200 or exchange.cache == "hit"
-            model = self._models(short(exchange.model), admit=served)
+        model = model_label(self._models, exchange) or None
         attributes, inputs, outputs = self._attributes(route.operation, model)
         usage = exchange.usage
         if usage is not None:
@@ -176,9 +173,10 @@ class GenAIMeters:
             timing = attributes
             if exchange.status >= 400:
                 timing = {**attributes, "error.type": str(exchange.status)}
-            self.duration.record(exchange.finished - exchange.started, timing)
-        if exchange.streamed and exchange.first_byte_at is not None:
-            self.first_token.record(exchange.first_byte_at - exchange.started, attributes)
+            self.duration.record(exchange.duration_ms / 1000, timing)
+        ttfb_ms = exchange.ttfb_ms
+        if exchange.streamed and ttfb_ms is not None:
+            self.first_token.record(ttfb_ms / 1000, attributes)
 
     @functools.lru_cache(maxsize=4 * MODEL_SERIES)  # noqa: B019 (one instance per process)
     def _attributes(

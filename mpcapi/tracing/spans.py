@@ -14,7 +14,7 @@ from opentelemetry.trace.span import TraceState
 
 from mpcapi.exchange import WEBSOCKET, Exchange
 from mpcapi.ledger.bodies import stored_body
-from mpcapi.openai.routes import BY_PATH
+from mpcapi.openai.routes import BY_PATH, Route
 from mpcapi.tracing.context import TraceContext
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
@@ -30,9 +30,9 @@ def _trace_state(trace: TraceContext) -> TraceState:
     return TraceState.from_header([trace.tracestate])
 
 
-def gen_ai_attributes(exchange: Exchange) -> dict[str, Any]:
-    """The GenAI semantic-convention attributes both spans share."""
-    route = BY_PATH.get(exchange.route or "")
+def gen_ai_attributes(exchange: Exchange, route: Route | None) -> dict[str, Any]:
+    """The GenAI semantic-convention attributes both spans share (``route``: the
+    exchange's, from the route table)."""
     attributes: dict[str, Any] = {}
     if route is not None and route.operation is not None:
         attributes["gen_ai.operation.name"] = route.operation
@@ -48,8 +48,9 @@ def gen_ai_attributes(exchange: Exchange) -> dict[str, Any]:
         attributes["gen_ai.usage.output_tokens"] = usage.completion_tokens
         if usage.model is not None:
             attributes["gen_ai.response.model"] = usage.model
-    if exchange.streamed and exchange.first_byte_at is not None:
-        attributes["gen_ai.server.time_to_first_token"] = exchange.first_byte_at - exchange.started
+    ttfb_ms = exchange.ttfb_ms
+    if exchange.streamed and ttfb_ms is not None:
+        attributes["gen_ai.server.time_to_first_token"] = ttfb_ms / 1000
     return attributes
 
 
@@ -154,7 +155,8 @@ def spans_of(
     if trace.parent_span_id is not None:
         parent = SpanContext(trace.trace_id, trace.parent_span_id, True, _SAMPLED, state)
     end = exchange.finished if exchange.finished is not None else exchange.started
-    gen_ai = gen_ai_attributes(exchange)
+    route = BY_PATH.get(exchange.route or "")
+    gen_ai = gen_ai_attributes(exchange, route)
     name = _name(exchange, gen_ai)
     attributes = {**gen_ai, **_server_attributes(exchange)}
     status = _server_status(exchange, attributes)
@@ -172,7 +174,6 @@ def spans_of(
         )
     ]
     if exchange.upstream_sent_at is not None:
-        route = BY_PATH.get(exchange.route or "")
         client_attributes: dict[str, Any] = {**gen_ai, "http.route": exchange.route or ""}
         if route is not None:
             client_attributes["http.request.method"] = route.method

@@ -169,3 +169,27 @@ def test_a_malformed_file_is_named_by_the_option_that_gave_it(tmp_path: Path) ->
     # The option wins over the variable, and so does its name in the message.
     with pytest.raises(ConfigError, match=r"^--config: .*c\.toml is not valid TOML"):
         load(tmp_path, {"MPCAPI_CONFIG": str(tmp_path / "other.toml")}, config=str(config))
+
+
+@pytest.mark.parametrize("value", ["otel-collector:4318", "ftp://collector", "http://"])
+def test_an_otel_endpoint_that_is_not_a_url_stops_start_up(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, {"OTEL_EXPORTER_OTLP_ENDPOINT": value})
+    assert str(caught.value).startswith("OTEL_EXPORTER_OTLP_ENDPOINT:")
+
+
+def test_the_otel_endpoint_and_service_name_come_from_either_name(tmp_path: Path) -> None:
+    standard = load(
+        tmp_path,
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/", "OTEL_SERVICE_NAME": "gw"},
+    )
+    assert (standard.otel_endpoint, standard.otel_service_name) == ("http://collector:4318", "gw")
+    ours = load(
+        tmp_path,
+        {
+            "MPCAPI_OTEL_ENDPOINT": "http://ours:4318",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://theirs:4318",
+        },
+    )
+    assert ours.otel_endpoint == "http://ours:4318"
+    assert load(tmp_path).otel_endpoint == ""

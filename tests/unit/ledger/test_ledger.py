@@ -147,7 +147,7 @@ class Ledgered:
 
 
 def ledgered(db: SyncDb, tmp_path: Path, keys: bool = False, **settings: Any) -> Ledgered:
-    ledger, clock = bare_ledger(db, tmp_path, log_bodies=settings.get("log_bodies", False))
+    ledger, clock = bare_ledger(db, tmp_path)
     authenticator = KeyAuthenticator(db, clock) if keys else None  # type: ignore[arg-type]
     harness = make_harness(
         clock=clock, keys=authenticator, ledger=ledger, **{"admin_key": ADMIN, **settings}
