@@ -355,7 +355,9 @@ def test_litellm_killed_under_load_and_restarted(
     # Before the kill everything succeeded; what was in flight at the kill failed.
     assert all(o.result == "ok" for o in outcomes if o.ended < killed_at), describe(outcomes)
     in_flight = [o for o in outcomes if o.started < killed_at <= o.ended]
-    cut = [o for o in in_flight if o.kind == "long-stream" and o.result == "stream_error"]
+    # A stream under way ends with an SSE error event. Which one is cut depends on timing: the
+    # long stream's last chunks may already sit in a socket buffer when LiteLLM dies.
+    cut = [o for o in in_flight if o.kind.endswith("stream") and o.result == "stream_error"]
     assert cut, f"no stream was cut by the kill: {describe(in_flight)}"
     assert any(o.kind == "slow" and o.status == 502 for o in in_flight), describe(in_flight)
 
