@@ -9,7 +9,10 @@ the exception shows)::
 with the seed's top-level ``message`` and ``request_id`` kept for its readers, plus
 ``"details"`` for validation errors. ``MPCAPI_ERROR_FORMAT=seed`` gives the seed's flat
 shape instead: ``{"error": <reason phrase>, "message": <detail>, "request_id": <id>}``.
-Errors that LiteLLM returns for the client's own request are relayed as they are.
+On Anthropic's routes errors take Anthropic's shape, which the Anthropic SDKs read:
+``{"type": "error", "error": {"type": <Anthropic type>, "message": <detail>},
+"request_id": <id>}``. Errors that LiteLLM returns for the client's own request are relayed
+as they are.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ if TYPE_CHECKING:
 
 JSON_CONTENT_TYPE = b"application/json"
 
-ErrorFormat = Literal["openai", "seed"]
-ERROR_FORMATS: tuple[ErrorFormat, ...] = ("openai", "seed")
+ErrorFormat = Literal["openai", "seed", "anthropic"]
+ERROR_FORMATS: tuple[ErrorFormat, ...] = ("openai", "seed")  # MPCAPI_ERROR_FORMAT's choices
 
 # OpenAI's ``error.type`` for a status, when the error does not name its own.
 _OPENAI_TYPES = {
@@ -35,6 +38,23 @@ _OPENAI_TYPES = {
     403: "permission_error",
     429: "rate_limit_error",
 }
+
+
+# Anthropic's ``error.type`` for a status.
+_ANTHROPIC_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def anthropic_type(status: int) -> str:
+    if status in _ANTHROPIC_TYPES:
+        return _ANTHROPIC_TYPES[status]
+    return "api_error" if status >= 500 else "invalid_request_error"
 
 
 def openai_type(status: int) -> str:
@@ -77,6 +97,9 @@ class ApiError(Exception):
     def document(self, request_id: str, error_format: ErrorFormat = "openai") -> dict[str, Any]:
         """The error body as a JSON document, in ``error_format`` (see the module doc)."""
         document: dict[str, Any]
+        if error_format == "anthropic":
+            error = {"type": anthropic_type(self.status), "message": self.message}
+            return {"type": "error", "error": error, "request_id": request_id}
         if error_format == "seed":
             document = {"error": self.error}
         else:

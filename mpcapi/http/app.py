@@ -2,9 +2,12 @@
 surfaces.
 
 Every OpenAI route of the route table (``mpcapi.openai.routes``) exists under ``/api`` (the
-seed's base URL) and ``/v1`` (for clients that assume an OpenAI-style base URL), and is
-served by the one ``Forwarding`` pipeline. ``Gateway`` is built by the composition root
-(``mpcapi.runtime.build``), which gives it every collaborator.
+seed's base URL) and ``/v1`` (for clients that assume an OpenAI-style base URL), every
+Anthropic route under ``/v1``, ``/api/v1`` and ``/anthropic/v1``, and all are served by the
+one ``Forwarding`` pipeline. Nothing else of LiteLLM is reachable: its admin routes
+(``/key/*``, ``/user/*``, ``/team/*``, ``/config/*`` …) are not in the table.
+``Gateway`` is built by the composition root (``mpcapi.runtime.build``), which gives it
+every collaborator.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from mpcapi.http.requestlog import RequestLogging, exchange_of
 from mpcapi.metrics.dashboard import SECURITY_HEADERS, load_assets
 from mpcapi.metrics.metrics import Metrics, require_metrics_access
 from mpcapi.openai.openapi import document_bytes
-from mpcapi.openai.routes import ROUTES, Route
+from mpcapi.openai.routes import OPENAI_PREFIXES, ROUTES, Route
 from mpcapi.policy.keys import require_admin
 from mpcapi.timestamps import iso_millis
 from mpcapi.upstream.client import LiteLLMClient
@@ -278,15 +281,21 @@ class Gateway:
 
 def _forwarded(route: Route) -> Callable[..., Any]:
     # Hands Klein the pipeline's coroutine itself: no coroutine of its own to resume.
-    def serve(self: Gateway, request: Request, prefix: str) -> Coroutine[Any, Any, bytes | None]:
-        return self.forwarding.serve(request, route)
+    def serve(
+        self: Gateway, request: Request, prefix: str = "", **arguments: str
+    ) -> Coroutine[Any, Any, bytes | None]:
+        return self.forwarding.serve(request, route, arguments)
 
     serve.__name__ = serve.__qualname__ = route.name
     return serve
 
 
-# Every route of the table, served by the one pipeline.
+# Every route of the table, served by the one pipeline, below each of its prefixes.
 for _route in ROUTES:
-    Gateway.app.route(f"{PREFIX}{_route.path}", methods=[_route.method], endpoint=_route.name)(
-        _forwarded(_route)
-    )
+    _serve = _forwarded(_route)
+    if _route.prefixes == OPENAI_PREFIXES:
+        _urls = [f"{PREFIX}{_route.path}"]
+    else:
+        _urls = [prefix + _route.path for prefix in _route.prefixes]
+    for _url in _urls:
+        Gateway.app.route(_url, methods=[_route.method], endpoint=_route.name)(_serve)

@@ -1,40 +1,64 @@
-"""The forwarding pipeline: how every OpenAI route of the route table is served over HTTP.
+"""The forwarding pipeline: how every route of the route table is served over HTTP.
 
 One ``Forwarding.serve`` for every ``Route`` (see ``mpcapi.openai.routes``), in order:
-admission (client key, budget, rate limits), validation of the body against the route's
-schema, the response cache, then LiteLLM: a whole answer is relayed with its status and
-headers (LiteLLM's own errors for the client's request pass through), an event stream is
-relayed chunk by chunk (``mpcapi.http.streaming``). What it learns goes on the request's
-``Exchange``.
+admission (client key, budget, rate limits), ownership of the stored object the route
+names, validation of the body (a JSON body against the route's schema, an upload's
+required fields), the response cache, then LiteLLM: a whole answer is relayed with its
+status and headers (LiteLLM's own errors for the client's request pass through), an event
+stream chunk by chunk (``mpcapi.http.streaming``), a binary answer as it arrives
+(``mpcapi.http.passthrough``), an upload streamed from its file. What it learns goes on
+the request's ``Exchange``.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import orjson
 from twisted.internet.interfaces import IReactorTime
-from twisted.web.iweb import IResponse
+from twisted.web.client import FileBodyProducer
+from twisted.web.iweb import IBodyProducer, IResponse
 from twisted.web.server import Request
 
 from mpcapi.config.live import LiveSettings
-from mpcapi.errors import JSON_CONTENT_TYPE, set_status, with_length
+from mpcapi.errors import JSON_CONTENT_TYPE, bad_request, set_status, with_length
 from mpcapi.exchange import Exchange
+from mpcapi.http.passthrough import BodyRelay
 from mpcapi.http.requestlog import exchange_of
 from mpcapi.http.streaming import SSE_HEADERS, SSERelay
 from mpcapi.openai.chunks import asks_for_usage, with_usage_requested
+from mpcapi.openai.multipart import FormError, boundary_of, scan_form
 from mpcapi.openai.replay import replay_of
-from mpcapi.openai.routes import Route
+from mpcapi.openai.routes import Route, Stored
 from mpcapi.openai.usage import COST_HEADER
 from mpcapi.openai.validation import RequestValidator
 from mpcapi.policy.admission import Admission
 from mpcapi.policy.cache import CACHE_HEADER, ResponseCache, cache_directives
 from mpcapi.policy.limits import HEADER_NAMES
+from mpcapi.policy.ownership import Ownership
 from mpcapi.upstream.client import LiteLLMClient, check_upstream_status, relayed_headers
 
 if TYPE_CHECKING:
     from mpcapi.ledger.ledger import UsageLedger
+
+
+@attrs.define
+class _Call:
+    """One call through the pipeline: its route, where it goes on LiteLLM, whose it is."""
+
+    route: Route
+    exchange: Exchange
+    authorization: bytes | None
+    owner: str | None  # the key whose stored objects it may see; None: no ownership
+    path: str = ""  # LiteLLM's path, with the URL's arguments and query
+    fixed: bool = True  # the route's own path: its URL is built once
+    content_type: bytes | None = None  # an upload's (JSON otherwise)
+
+    def __attrs_post_init__(self) -> None:
+        self.path = self.path or self.route.upstream_path()
 
 
 @attrs.define
@@ -49,27 +73,49 @@ class Forwarding:
     validator: RequestValidator = attrs.field(factory=RequestValidator)
     ledger: UsageLedger | None = None  # on: every stream asks LiteLLM for its usage
     keep_bodies: bool = False  # MPCAPI_LOG_BODIES: the bodies go on the exchange
+    ownership: Ownership | None = None  # with client keys: who made each stored object
 
-    async def serve(self, request: Request, route: Route) -> bytes | None:
+    async def serve(
+        self, request: Request, route: Route, arguments: Mapping[str, str] | None = None
+    ) -> bytes | None:
         """The answer's body (its status and headers set), or None once a relayed stream
-        has finished the request itself."""
+        has finished the request itself. ``arguments`` are the URL's (a file's id …)."""
         exchange = exchange_of(request)
         exchange.route = route.path
         authorization = request.getHeader(b"authorization")
+        if authorization is None and route.anthropic:  # Anthropic's SDKs send x-api-key
+            api_key = request.getHeader(b"x-api-key")
+            authorization = b"Bearer " + api_key if api_key else None
         limits = await self.admission.admit(exchange, authorization)
         set_header = request.responseHeaders.setRawHeaders
         for limit, value in limits.items():
             set_header(HEADER_NAMES[limit], [value.encode("ascii")])
-        if route.schema is None:
-            return await self._forward(request, exchange, route, None, authorization)
+        call = _Call(route, exchange, authorization, self._owner(exchange, route))
+        if call.owner is not None and route.stored is not None and route.stored.param:
+            await self._own(route.stored.kind, arguments, route.stored.param, call.owner)
+        query = request.uri.partition(b"?")[2]
+        if arguments or query:
+            call.path = route.upstream_path(arguments)
+            if query:
+                call.path += "?" + query.decode("latin-1")
+            call.fixed = False
+        if route.body == "none":
+            return await self._forward(request, call, None)
+        if route.body == "multipart":
+            return await self._forward(request, call, self._upload(request, call))
         body = request.content.read() if request.content is not None else b""
-        document = self.validator.validate(route.schema, body)
-        exchange.model = document["model"]
+        document = self.validator.validate(route.schema or route.name, body)
+        model = document.get("model")
+        exchange.model = model if isinstance(model, str) else None
         exchange.max_tokens = document.get("max_tokens")
         exchange.temperature = document.get("temperature")
         if self.keep_bodies:
             exchange.request_body = body
-        streamed = route.streams and document.get("stream") is True
+        if call.owner is not None and route.stored is not None:
+            for field, kind in route.stored.refers:
+                if isinstance(document.get(field), str):
+                    await self._own(kind, document, field, call.owner)
+        streamed = route.events is not None and document.get("stream") is True
         store_key: str | None = None
         if route.cacheable and self.cache.enabled:
             lookup = await self.cache.lookup(
@@ -89,46 +135,106 @@ class Forwarding:
                     return with_length(request, lookup.answer)
                 store_key = None if streamed else lookup.store_key
         if streamed:
-            return await self._stream(request, exchange, route, body, document, authorization)
-        answer = await self._forward(request, exchange, route, body, authorization)
-        if store_key is not None and request.code == 200:
+            return await self._stream(request, call, body, document)
+        answer = await self._forward(request, call, body)
+        if store_key is not None and answer is not None and request.code == 200:
             self.cache.keep(store_key, answer)
         return answer
 
-    async def _forward(
-        self,
-        request: Request,
-        exchange: Exchange,
-        route: Route,
-        body: bytes | None,
-        authorization: bytes | None,
-    ) -> bytes:
+    def _owner(self, exchange: Exchange, route: Route) -> str | None:
+        """Whose objects the call may see: its key's, when ownership is kept."""
+        if self.ownership is None or route.stored is None:
+            return None
+        return exchange.key_id
+
+    async def _own(self, kind: str, values: Any, name: str, owner: str) -> None:
+        """404 unless ``owner`` made the object whose id is ``values[name]``."""
+        assert self.ownership is not None
+        await self.ownership.check(kind, values[name], owner)
+
+    def _upload(self, request: Request, call: _Call) -> IBodyProducer:
+        """The multipart body, its required fields checked, streamed from its file."""
+        content = request.content
+        content_type = request.getHeader(b"content-type")
+        try:
+            boundary = boundary_of(content_type)
+            if content is None:
+                raise FormError("the request has no body")
+            form = scan_form(content, boundary)
+        except FormError as problem:
+            raise bad_request(str(problem)) from None
+        for field in call.route.form:
+            if field not in form:
+                raise bad_request(f"the multipart field {field!r} is required", param=field)
+        model = form.fields.get("model")
+        call.exchange.model = model or None
+        call.content_type = content_type
+        content.seek(0)
+        return FileBodyProducer(content)
+
+    async def _forward(self, request: Request, call: _Call, body: Any) -> bytes | None:
         """Send to LiteLLM and relay its answer; client errors pass through as they are."""
-        response = await self._send(exchange, route, body, authorization)
-        answer = await self.upstream.read_body(response)
+        route, exchange = call.route, call.exchange
+        response = await self._send(request, call, body)
         code = response.code
+        if route.binary and code == 200:
+            return await self._relay_binary(request, route, exchange, response)
+        answer = await self.upstream.read_body(response)
         self._check(code, response, answer)
         if code == 200 and route.usage is not None:
             costs = response.headers.getRawHeaders(COST_HEADER)
             exchange.usage = route.usage(answer, costs[0] if costs else None)
+        if code == 200 and call.owner is not None and route.stored is not None:
+            answer = await self._ownership_of_answer(route.stored, answer, call.owner)
         if self.keep_bodies:
             exchange.response_body = answer
         return _relay(request, code, response, answer)
 
-    async def _stream(
-        self,
-        request: Request,
-        exchange: Exchange,
-        route: Route,
-        body: bytes,
-        document: dict[str, Any],
-        authorization: bytes | None,
+    async def _ownership_of_answer(self, stored: Stored, answer: bytes, owner: str) -> bytes:
+        """Record the owner of a created object; cut a list to the owner's objects."""
+        assert self.ownership is not None
+        try:
+            document = orjson.loads(answer)
+        except ValueError:
+            return answer
+        if stored.access == "create":
+            object_id = document.get("id") if isinstance(document, dict) else None
+            if isinstance(object_id, str):
+                await self.ownership.claim(stored.kind, object_id, owner)
+            return answer
+        if stored.access == "list":
+            return orjson.dumps(await self.ownership.only_owned(stored.kind, document, owner))
+        return answer
+
+    async def _relay_binary(
+        self, request: Request, route: Route, exchange: Exchange, response: IResponse
     ) -> bytes | None:
+        request.setResponseCode(200)
+        for name, values in relayed_headers(response).items():
+            request.responseHeaders.setRawHeaders(name, values)
+        if isinstance(response.length, int):
+            request.setHeader(b"content-length", b"%d" % response.length)
+        costs = response.headers.getRawHeaders(COST_HEADER)
+        if route.usage is not None:  # a binary answer's usage is its cost header
+            exchange.usage = route.usage(b"", costs[0] if costs else None)
+        relay = BodyRelay(request, exchange, self.clock, self.live.current.litellm_timeout)
+        response.deliverBody(relay)
+        await relay.ended
+        return None
+
+    async def _stream(
+        self, request: Request, call: _Call, body: bytes, document: dict[str, Any]
+    ) -> bytes | None:
+        route, exchange = call.route, call.exchange
+        events = route.events
+        assert events is not None
         # The ledger counts every stream: ask LiteLLM for usage, hide it if the client did not.
-        hide_usage = self.ledger is not None and not asks_for_usage(document)
+        hide_usage = (
+            events.usage_on_request and self.ledger is not None and not asks_for_usage(document)
+        )
         if hide_usage:
             body = json.dumps(with_usage_requested(document)).encode("utf-8")
-        response = await self._send(exchange, route, body, authorization)
+        response = await self._send(request, call, body)
         code = response.code
         if code != 200:
             answer = await self.upstream.read_body(response)
@@ -142,24 +248,36 @@ class Forwarding:
                 request.responseHeaders.setRawHeaders(name, values)
         request.write(b"")  # the headers go out now, before the first event
         settings = self.live.current
-        relay = SSERelay(request, exchange, self.clock, settings.litellm_timeout, hide_usage)
+        relay = SSERelay(
+            request, exchange, self.clock, settings.litellm_timeout, hide_usage, events
+        )
         response.deliverBody(relay)
         # The relay finishes the request itself; Klein must not finish it before.
         await relay.ended
+        object_id = relay.object_id
+        if call.owner is not None and route.stored is not None and object_id is not None:
+            assert self.ownership is not None
+            await self.ownership.claim(route.stored.kind, object_id, call.owner)
         return None
 
-    async def _send(
-        self, exchange: Exchange, route: Route, body: bytes | None, authorization: bytes | None
-    ) -> IResponse:
+    async def _send(self, request: Request, call: _Call, body: Any) -> IResponse:
+        exchange, route = call.exchange, call.route
         exchange.upstream_sent_at = sent_at = self.clock.seconds()
+        passed = None
+        if route.headers:
+            get = request.requestHeaders.getRawHeaders
+            passed = {name: values for name in route.headers if (values := get(name))}
         response = await self.upstream.send(
             route.method,
-            route.path,
+            call.path,
             body=body,
             # With client keys on, the client's key is ours to check, never LiteLLM's.
-            authorization=None if self.admission.keys else authorization,
+            authorization=None if self.admission.keys else call.authorization,
             request_id=exchange.request_id,
             trace=exchange.trace,
+            fixed=call.fixed,
+            content_type=call.content_type,
+            passed=passed,
         )
         exchange.upstream_status = response.code
         exchange.upstream_seconds = self.clock.seconds() - sent_at

@@ -25,6 +25,7 @@ from zope.interface import Interface
 
 from mpcapi.errors import ErrorFormat, bad_request, render_error
 from mpcapi.exchange import WEBSOCKET, Exchange, ExchangeObserver
+from mpcapi.openai.routes import anthropic_path
 
 if TYPE_CHECKING:
     from mpcapi.tracing.context import TraceContext
@@ -152,13 +153,14 @@ class RequestLogging(Resource):
 
     def render(self, request: Any) -> Any:
         now = self._clock.seconds()
+        path = request.path.decode("utf-8", "replace")
         exchange = Exchange(
             request_id=request_id_for(request, now),
             started=now,
             method=request.method.decode("ascii", "replace"),
-            path=request.path.decode("utf-8", "replace"),
+            path=path,
             client=getattr(request.getClientAddress(), "host", None),
-            error_format=self._error_format,
+            error_format="anthropic" if anthropic_path(path) else self._error_format,
         )
         if self._trace_of is not None:
             exchange.trace = self._trace_of(request)

@@ -31,6 +31,7 @@ from mpcapi.errors import (
 from mpcapi.http.headers import SECURITY_HEADERS
 from mpcapi.http.requestlog import REQUEST_FORMAT, request_id_for
 from mpcapi.internals import HookedChannel, HookedRequest, negotiating_protocol
+from mpcapi.openai.routes import anthropic_path
 
 log = Logger(namespace="mpcapi.request")
 
@@ -143,7 +144,9 @@ def refuse_connection(channel: HookedChannel, error: ApiError, request_id: str) 
         return
     channel.answered_directly = True
     site: GatewaySite = channel.site  # type: ignore[attr-defined]
-    answer = error_response(error, request_id, site.error_format)
+    method, path = channel.request_line()
+    anthropic = anthropic_path(path.decode("utf-8", "replace"))
+    answer = error_response(error, request_id, "anthropic" if anthropic else site.error_format)
     transport: Any = channel.transport
     transport.write(answer)
     channel.persistent = False
@@ -151,7 +154,6 @@ def refuse_connection(channel: HookedChannel, error: ApiError, request_id: str) 
     channel.dataReceived = _discard  # type: ignore[method-assign]
     channel.setTimeout(_DRAIN_SECONDS)
     transport.loseWriteConnection()
-    method, path = channel.request_line()
     log.info(
         REQUEST_FORMAT,
         method=method.decode("ascii", "replace"),
@@ -214,7 +216,8 @@ class GatewaySite(server.Site):
         error_format: ErrorFormat = "openai",
         **kwargs: Any,
     ) -> None:
-        # Bodies are JSON: no form parsing (its email-based Content-Type parsing is costly).
+        # No form parsing: it is costly, and it would hold a whole upload in memory; an upload
+        # stays in Twisted's temporary file and is streamed from there to LiteLLM.
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
         self.max_body_bytes = max_body_bytes
         self.read_timeout = read_timeout

@@ -1,18 +1,17 @@
 """SSE relay: LiteLLM's event stream to the client, chunk by chunk.
 
-Each chunk LiteLLM sends is written to the client the moment it arrives. The relay is
+Each chunk LiteLLM sends is written to the client the moment it arrives, and read as the
+route's family of events (``mpcapi.openai.events``: chat, Responses, Anthropic). The relay is
 the client connection's producer, so a slow reader pauses the upstream read
 (backpressure); a client that leaves closes the upstream connection; silence longer than
 ``LITELLM_TIMEOUT`` and an upstream that breaks off without ``data: [DONE]`` end the
-stream with one SSE error event, so OpenAI SDKs raise instead of hanging.
+stream with one SSE error event in the family's shape, so SDKs raise instead of hanging.
 """
 
 from __future__ import annotations
 
-import json
 from enum import Enum
 
-import orjson
 from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
@@ -22,9 +21,8 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from mpcapi.exchange import Exchange
-from mpcapi.openai.chunks import has_text, is_usage_only
-from mpcapi.openai.sse import DONE, SSEEvent, SSEParser
-from mpcapi.openai.usage import usage_of_chunk
+from mpcapi.openai.events import CHAT_EVENTS, EventFormat
+from mpcapi.openai.sse import SSEEvent, SSEParser
 from mpcapi.upstream.bodies import UpstreamBody
 
 SSE_HEADERS = {
@@ -44,9 +42,8 @@ class StreamEnd(Enum):
 
 
 def error_event(message: str, kind: str) -> bytes:
-    """One SSE event in the shape OpenAI SDKs raise on."""
-    document = {"error": {"message": message, "type": kind}}
-    return b"data: " + json.dumps(document).encode("utf-8") + b"\n\n"
+    """One SSE event of a chat stream in the shape OpenAI SDKs raise on."""
+    return CHAT_EVENTS.error_event(message, kind)
 
 
 @implementer(IPushProducer)
@@ -63,6 +60,7 @@ class SSERelay(UpstreamBody):
         clock: IReactorTime,
         idle_timeout: float,
         hide_usage: bool = False,
+        events: EventFormat = CHAT_EVENTS,
     ) -> None:
         super().__init__(clock, idle_timeout)
         self._request = request
@@ -73,8 +71,15 @@ class SSERelay(UpstreamBody):
         # counted, not relayed, so events are written whole, one at a time, as they complete.
         self._hide_usage = hide_usage
         self._parser = SSEParser()
+        self._events = events
+        self._reader = events.reader()
         self.outcome: StreamEnd | None = None
         self.ended: Deferred[StreamEnd] = Deferred()
+
+    @property
+    def object_id(self) -> str | None:
+        """The id of what the stream created (a stored response), when it said one."""
+        return self._reader.object_id
 
     # Upstream side (IProtocol)
 
@@ -105,10 +110,11 @@ class SSERelay(UpstreamBody):
         if reason.check(ResponseDone) and self._exchange.saw_done:
             self._end(StreamEnd.COMPLETED)
         else:
-            why = "without [DONE]" if reason.check(ResponseDone) else f": {reason.value}"
+            end = "[DONE]" if self._events is CHAT_EVENTS else "its end event"
+            why = f"without {end}" if reason.check(ResponseDone) else f": {reason.value}"
             self._end(
                 StreamEnd.UPSTREAM_ERROR,
-                error_event(
+                self._events.error_event(
                     f"LiteLLM closed the stream {why}".replace(" :", ":"), "upstream_error"
                 ),
             )
@@ -129,34 +135,24 @@ class SSERelay(UpstreamBody):
     # Internals
 
     def _observe(self, event: SSEEvent) -> bool:
-        """Count the event; note the end marker, the usage chunk and the text chunks. True
-        when the event is the usage-only chunk we asked for and the client did not."""
+        """Count the event; note the end marker, the usage and the text events. True when
+        the event is the usage-only chunk we asked for and the client did not."""
         exchange = self._exchange
-        if event.data == DONE:
-            exchange.events += 1
-            exchange.saw_done = True
-            return False
-        try:
-            chunk = orjson.loads(event.data)
-        except ValueError:
-            chunk = None
-        if not isinstance(chunk, dict):
-            exchange.events += 1
-            return False
-        choices = chunk.get("choices")
-        if isinstance(choices, list) and any(has_text(choice) for choice in choices):
+        reader = self._reader
+        text, usage_only = reader.read(event)
+        exchange.saw_done = reader.done
+        if text:
             exchange.content_deltas += 1
-        usage = usage_of_chunk(chunk)
-        if usage is not None:
-            exchange.usage = usage
-            if self._hide_usage and is_usage_only(chunk):
+        if reader.usage is not None:
+            exchange.usage = reader.usage
+            if self._hide_usage and usage_only:
                 return True  # the client never sees it: not one of its events
         exchange.events += 1
         return False
 
     def _timed_out(self) -> None:
         message = f"LiteLLM sent nothing for {self._idle_timeout:g} s"
-        self._end(StreamEnd.TIMEOUT, error_event(message, "timeout"))
+        self._end(StreamEnd.TIMEOUT, self._events.error_event(message, "timeout"))
         self._close_upstream()
 
     def _client_gone(self, _: object) -> None:

@@ -152,6 +152,7 @@ class UsageLedger(Service):
 
     def row_of(self, exchange: Exchange) -> dict[str, Any]:
         cost, source, prompt, completion = cost_of(exchange, self.prices)
+        usage = exchange.usage
         return {
             "request_id": exchange.request_id,
             "created_at": iso_millis(exchange.started),
@@ -176,6 +177,10 @@ class UsageLedger(Service):
             "request_body": stored_body(exchange.request_body),
             "response_body": stored_body(exchange.response_body),
             "trace_id": exchange.trace.trace_id_hex if exchange.trace is not None else None,
+            "cache_read_tokens": usage.cache_read_tokens if usage is not None else 0,
+            "cache_write_tokens": usage.cache_write_tokens if usage is not None else 0,
+            "units": usage.units if usage is not None else None,
+            "unit": usage.unit if usage is not None else None,
         }
 
     # Budgets

@@ -318,10 +318,10 @@ class _Describer:
         method_of = getattr(self, f"_{endpoint}", None)
         route = BY_NAME.get(endpoint)
         operation: dict[str, Any]
-        if route is not None and route.schema is not None:
-            operation = self._post(route)
-        elif method_of is not None:
+        if method_of is not None:
             operation = method_of(path)
+        elif route is not None:
+            operation = self._forwarded(route, path)
         else:
             operation = _operation(
                 f"{method} {path}",
@@ -385,36 +385,73 @@ class _Describer:
             security=self._client_security(),
         )
 
-    def _post(self, route: Route) -> dict[str, Any]:
-        """A forwarded route with a body, from its entry in the route table."""
-        endpoint, summary, streams = route.name, route.summary, route.streams
-        request_component, answer_component = _BODY_COMPONENTS[endpoint]
-        content: dict[str, Any] = _json_content(_ref("schemas", answer_component))
-        description = (
-            f"Validated against `mpcapi/openai/schemas/{BODY_SCHEMAS[endpoint]}.json` (strict "
-            "where the OpenAI API is strict; unknown fields pass through), then LiteLLM's answer, "
-            "unchanged. LiteLLM's own errors for the request (400, 404, 409, 413, 422, 429) "
-            "pass through with their status, body and `Retry-After` / `x-ratelimit-*` headers."
+    def _forwarded(self, route: Route, path: str) -> dict[str, Any]:
+        """A forwarded route, from its entry in the route table."""
+        endpoint = route.name
+        components = _BODY_COMPONENTS.get(endpoint)
+        answer: dict[str, Any] = (
+            _ref("schemas", components[1]) if components is not None else _ANY_OBJECT
         )
-        if streams:
+        content: dict[str, Any] = (
+            {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+            if route.binary
+            else _json_content(answer)
+        )
+        description = "LiteLLM's answer, unchanged"
+        if route.binary:
+            description += ", relayed as it arrives (audio, file contents)"
+        request_body: dict[str, Any] | None = None
+        if route.body == "json":
+            component = components[0] if components is not None else _request_component(route)
+            request_body = {"required": True, "content": _json_content(_ref("schemas", component))}
+            description = (
+                f"Validated against `mpcapi/openai/schemas/{route.schema}.json` (strict where "
+                "the API is strict; unknown fields pass through), then " + description
+            )
+        elif route.body == "multipart":
+            request_body = {"required": True, "content": {"multipart/form-data": _form(route)}}
+            required = ", ".join(f"`{field}`" for field in route.form)
+            description = (
+                f"A multipart upload (required fields: {required}), streamed to LiteLLM from "
+                "disk, never held in memory; then " + description
+            )
+        description += (
+            ". LiteLLM's own errors for the request (400, 404, 409, 413, 422, 429) pass "
+            "through with their status, body and `Retry-After` / `x-ratelimit-*` headers."
+        )
+        if route.events is not None:
             content["text/event-stream"] = {
-                "schema": {"type": "string", "description": "Server-sent events, `data: …`"}
+                "schema": {"type": "string", "description": "Server-sent events"}
             }
             description += (
                 ' With `"stream": true` the answer is `text/event-stream`, relayed event by '
-                'event; an error after the first event is one `data: {"error": …}` event.'
+                "event; an error after the first event is one error event of the API's own "
+                "shape."
             )
+        if route.stored is not None:
+            description += (
+                f" With client keys, a {route.stored.kind} belongs to the key that created it: "
+                "any other key gets 404, and lists show only the caller's."
+            )
+        if route.anthropic:
+            description += (
+                " Anthropic's API: the key may come as `x-api-key`, `anthropic-version` and "
+                "`anthropic-beta` pass through, and MPC-API's own errors have Anthropic's "
+                'shape (`{"type": "error", "error": {"type", "message"}}`).'
+            )
+        parameters = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in re.findall(r"\{(\w+)\}", path)
+        ]
         return _operation(
-            summary,
+            route.summary,
             description,
             {"200": _success("LiteLLM's answer", content)},
             self._openai_errors(),
-            tags=["openai"],
+            tags=["anthropic" if route.anthropic else "openai"],
             security=self._client_security(),
-            request_body={
-                "required": True,
-                "content": _json_content(_ref("schemas", request_component)),
-            },
+            request_body=request_body,
+            parameters=parameters,
         )
 
     def _websocket(self, path: str) -> dict[str, Any]:
@@ -594,6 +631,22 @@ def _answer_schema(endpoint: str) -> dict[str, Any]:
     return {"anyOf": [schema, _MULTI_MODEL_ANSWER]}
 
 
+def _request_component(route: Route) -> str:
+    """The component name of a route's JSON body: ``anthropic_messages`` ->
+    ``AnthropicMessagesRequest``."""
+    return "".join(word.capitalize() for word in (route.schema or route.name).split("_")) + (
+        "Request"
+    )
+
+
+def _form(route: Route) -> dict[str, Any]:
+    """A multipart body's schema: its required fields (files are binary)."""
+    binary = {"type": "string", "format": "binary"}
+    files = ("file", "image")
+    properties = {field: binary if field in files else {"type": "string"} for field in route.form}
+    return {"schema": {"type": "object", "required": list(route.form), "properties": properties}}
+
+
 def _components(settings: Settings) -> dict[str, Any]:
     schemas: dict[str, Any] = {
         "Error": _ERROR_SCHEMAS[settings.error_format],
@@ -602,10 +655,12 @@ def _components(settings: Settings) -> dict[str, Any]:
         "Ready": _READY_SCHEMA,
         "ModelList": _MODELS_SCHEMA,
     }
-    for endpoint, name in BODY_SCHEMAS.items():
-        request_component, answer_component = _BODY_COMPONENTS[endpoint]
-        schemas[request_component] = body_schema(name)
+    for endpoint, (request_component, answer_component) in _BODY_COMPONENTS.items():
+        schemas[request_component] = body_schema(BODY_SCHEMAS[endpoint])
         schemas[answer_component] = _answer_schema(endpoint)
+    for route in ROUTES:
+        if route.schema is not None and route.name not in _BODY_COMPONENTS:
+            schemas[_request_component(route)] = body_schema(route.schema)
     return {
         "schemas": schemas,
         "responses": _error_responses(),

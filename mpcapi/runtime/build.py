@@ -37,6 +37,7 @@ from mpcapi.policy.admission import Admission
 from mpcapi.policy.cache import ResponseCache
 from mpcapi.policy.keys import KeyAuthenticator, open_authenticator
 from mpcapi.policy.limits import RateLimiter
+from mpcapi.policy.ownership import Ownership
 from mpcapi.runtime.lifecycle import Drain
 from mpcapi.runtime.reload import Loader, Reloader, ReloadOnSighup
 from mpcapi.runtime.service import GatewayService
@@ -115,8 +116,11 @@ def build_gateway(
         )
     admission = Admission(limiter, keys, ledger)
     validator = RequestValidator()
+    # With client keys, who made each stored object (responses, files, batches) is kept in
+    # their database: LiteLLM sees one key for every client and cannot tell them apart.
+    ownership = Ownership(keys.database) if keys is not None else None
     forwarding = Forwarding(
-        live, upstream, clock, admission, cache, validator, ledger, settings.log_bodies
+        live, upstream, clock, admission, cache, validator, ledger, settings.log_bodies, ownership
     )
     every: list[ExchangeObserver] = [limiter.count_tokens, metrics.observe]
     # WebSocket messages count their tokens and have their rows, as HTTP requests do.

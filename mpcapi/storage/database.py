@@ -115,6 +115,28 @@ MIGRATIONS: tuple[Migration, ...] = (
         # The W3C trace id of the call when tracing is on (see mpcapi.tracing).
         ("ALTER TABLE usage ADD COLUMN trace_id TEXT",),
     ),
+    Migration(
+        4,
+        "stored objects and usage details",
+        (
+            # Who made each response, file and batch LiteLLM stores (see policy.ownership):
+            # owner is the client key's id.
+            """CREATE TABLE stored_objects (
+                kind TEXT NOT NULL,
+                id TEXT NOT NULL,
+                owner TEXT NOT NULL,
+                created_at TEXT NOT NULL,
+                PRIMARY KEY (kind, id)
+            )""",
+            "CREATE INDEX stored_objects_owner ON stored_objects (owner, kind)",
+            # Prompt-cache tokens, and what is billed in other units (search units, seconds,
+            # images).
+            "ALTER TABLE usage ADD COLUMN cache_read_tokens INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE usage ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE usage ADD COLUMN units DOUBLE PRECISION",
+            "ALTER TABLE usage ADD COLUMN unit TEXT",
+        ),
+    ),
 )
 
 

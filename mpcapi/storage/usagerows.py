@@ -53,6 +53,10 @@ COLUMNS = (
     "request_body",
     "response_body",
     "trace_id",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "units",
+    "unit",
 )
 
 
@@ -62,7 +66,7 @@ def _quoted(column: str) -> str:
 
 # Rows per SQLite INSERT statement, largest first: a batch is cut into these sizes only, so
 # the driver prepares (and keeps) four statements, not one per batch size. 200 rows are
-# 4,200 parameters, under SQLite's limit.
+# 5,000 parameters, under SQLite's limit.
 STATEMENT_SIZES = (200, 50, 10, 1)
 
 
@@ -78,6 +82,9 @@ _PG_TYPES = {
     "upstream_ms": "double precision",
     "ttfb_ms": "double precision",
     "cost_usd": "double precision",
+    "cache_read_tokens": "integer",
+    "cache_write_tokens": "integer",
+    "units": "double precision",
 }
 _PG_ARRAYS = ", ".join(f"?::{_PG_TYPES.get(column, 'text')}[]" for column in COLUMNS)
 _PG_INSERT = (
@@ -96,7 +103,14 @@ def insert_statement(rows: int) -> str:
     )
 
 
-_DEFAULTS = {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "cost_source": "none"}
+_DEFAULTS = {
+    "prompt_tokens": 0,
+    "completion_tokens": 0,
+    "cost_usd": 0.0,
+    "cost_source": "none",
+    "cache_read_tokens": 0,
+    "cache_write_tokens": 0,
+}
 
 
 def insert_rows(cursor: Cursor, rows: Sequence[Mapping[str, Any]]) -> int:

@@ -10,7 +10,7 @@ request to another only when the first refused the connection: nothing of it was
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -26,7 +26,7 @@ from twisted.web.client import (
     ResponseNeverReceived,
 )
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import IBodyProducer, IResponse
 
 from mpcapi.config.live import LiveSettings
 from mpcapi.config.settings import without_password
@@ -145,10 +145,13 @@ class LiteLLMClient:
         """Seconds a liveness probe may take (MPCAPI_READY_TIMEOUT)."""
         return self.live.current.ready_timeout
 
-    def url(self, path: str, upstream: Upstream | None = None) -> EncodedURL:
-        """The parsed URL of ``path`` on ``upstream`` (the first instance), built once."""
+    def url(self, path: str, upstream: Upstream | None = None, fixed: bool = True) -> EncodedURL:
+        """The parsed URL of ``path`` on ``upstream`` (the first instance); built once for a
+        ``fixed`` path (a route's own), each time for one with ids or a query in it."""
         if upstream is None:
             upstream = self.balancer.instances[0]
+        if not fixed:
+            return WireURL.from_text(upstream.base_url + path)
         url = upstream.urls.get(path)
         if url is None:
             url = upstream.urls[path] = WireURL.from_text(upstream.base_url + path)
@@ -184,19 +187,29 @@ class LiteLLMClient:
         method: str,
         path: str,
         *,
-        body: bytes | None = None,
+        body: bytes | IBodyProducer | None = None,
         authorization: bytes | None = None,
         request_id: str,
         timeout: float | None = None,
         trace: TraceContext | None = None,
+        fixed: bool = True,
+        content_type: bytes | None = None,
+        passed: Mapping[bytes, Sequence[bytes]] | None = None,
     ) -> IResponse:
-        """Send one request; return the response once its headers have arrived.
+        """Send one request; return the response once its headers have arrived. ``body``
+        is JSON unless ``content_type`` says otherwise (an upload streamed from a file is
+        an ``IBodyProducer``); ``passed`` are client headers LiteLLM should see; ``fixed``
+        says ``path`` is a route's own (no ids, no query).
 
         The response counts among its instance's requests in flight until its body has been
         read (or the stream has ended, however it ended).
         """
         limit = self.timeout if timeout is None else timeout
         headers = self.headers(authorization, request_id, trace)
+        if content_type is not None:
+            headers.setRawHeaders(b"content-type", [content_type])
+        for name, values in (passed or {}).items():
+            headers.setRawHeaders(name, list(values))
         balancer = self.balancer
         upstream = balancer.pick()
         assert upstream is not None
@@ -206,7 +219,9 @@ class LiteLLMClient:
         while True:
             upstream.in_flight += 1
             try:
-                response = await self._exchange(upstream, method, path, headers, body, wait, limit)
+                response = await self._exchange(
+                    upstream, method, path, headers, body, wait, limit, fixed
+                )
             except _NeverConnectedError as refused:
                 upstream.in_flight -= 1
                 if len(balancer.instances) == 1:
@@ -230,14 +245,15 @@ class LiteLLMClient:
         method: str,
         path: str,
         headers: Headers,
-        body: bytes | None,
+        body: bytes | IBodyProducer | None,
         wait: float,
         limit: float,
+        fixed: bool = True,
     ) -> IResponse:
         """One request to one instance; ``_NeverConnectedError`` when it never connected."""
         d = self.http.request(
             method,
-            self.url(path, upstream),
+            self.url(path, upstream, fixed),
             headers=headers,
             data=body,
             cookies=NO_COOKIES,

@@ -40,6 +40,15 @@ class BytesProducer:
         pass
 
 
+def body_producer(data: Any) -> IBodyProducer:
+    """What treq sends as a body: ours as it is (an upload streamed from its file), bytes at
+    once."""
+    if IBodyProducer.providedBy(data):
+        producer: IBodyProducer = data
+        return producer
+    return BytesProducer(data)
+
+
 def make_pool(reactor: Any, settings: Settings) -> HTTPConnectionPool:
     """A persistent pool sized for many concurrent requests to one LiteLLM."""
     pool = HTTPConnectionPool(reactor, persistent=True)
@@ -71,7 +80,7 @@ def make_http_client(reactor: Any, pool: HTTPConnectionPool, settings: Settings)
     endpoints = _ReusedEndpoints(reactor, settings.connect_timeout)
     agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
     jar: Any = NO_COOKIES  # treq's type names its own jar class; any CookieJar works
-    return treq.client.HTTPClient(agent, cookiejar=jar, data_to_body_producer=BytesProducer)
+    return treq.client.HTTPClient(agent, cookiejar=jar, data_to_body_producer=body_producer)
 
 
 class WireURL(EncodedURL):
@@ -110,4 +119,11 @@ class _NoCookies(CookieJar):
 NO_COOKIES = _NoCookies()
 
 
-__all__ = ["NO_COOKIES", "BytesProducer", "WireURL", "make_http_client", "make_pool"]
+__all__ = [
+    "NO_COOKIES",
+    "BytesProducer",
+    "WireURL",
+    "body_producer",
+    "make_http_client",
+    "make_pool",
+]

@@ -23,11 +23,18 @@ from twisted.web._newclient import ResponseNeverReceived
 from mpcapi.http.app import Gateway
 from mpcapi.openai.openapi import routes_of
 from tests.support.documents import bodies, deep_nesting, huge_integers
-from tests.support.gateway import CHAT, Harness, make_harness
+from tests.support.gateway import CHAT, FakeLiteLLM, Harness, make_harness
 
 ROUTES = sorted({(path, method) for path, method, _ in routes_of(Gateway.app.url_map)})
 KNOWN_PATHS = sorted({path.replace("{name}", "index.html") for path, _ in ROUTES})
 POST_PATHS = [path for path, method in ROUTES if method == "POST"]
+# The POST routes the fake LiteLLM answers (with 200), under both OpenAI prefixes.
+ANSWERED_POST_PATHS = [
+    prefix + path
+    for method, path in FakeLiteLLM().routes
+    if method == "POST"
+    for prefix in ("/api", "/v1")
+]
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "TRACE", "BREW"]
 # Framing headers would make the in-memory request itself malformed (a Content-Length that
 # lies waits for bytes that never come); every other name is fair game.
@@ -252,7 +259,7 @@ def test_request_id_is_echoed_when_sane_and_replaced_otherwise(request_id: str) 
 
 @FAST
 @given(
-    path=st.sampled_from(POST_PATHS),
+    path=st.sampled_from(ANSWERED_POST_PATHS),
     field=st.sampled_from(["temperature", "top_p", "n", "max_tokens", "dimensions"]),
     number=st.one_of(huge_integers, st.floats(allow_nan=False), st.just(10**4300 - 1)),
 )

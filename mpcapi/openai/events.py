@@ -1,0 +1,153 @@
+"""The event streams of the three API families: how each marks its end, carries text and
+usage, and says that it failed.
+
+- **Chat** (chat and text completions): unnamed events of chunks, ``data: [DONE]`` last;
+  usage in a final chunk when ``stream_options.include_usage`` asked for it.
+- **Responses**: named events (``response.output_text.delta`` …); ``response.completed``
+  (or ``response.incomplete``, ``response.failed``) ends it and carries the usage.
+- **Anthropic Messages**: named events; ``message_start`` carries the input tokens,
+  ``message_delta`` the output tokens so far, ``message_stop`` ends it.
+
+A ``StreamReader`` is made per stream (``EventFormat.reader()``) and reads its events one
+by one. Pure wire format, no Twisted: the HTTP relay and the WebSocket share it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import orjson
+
+from mpcapi.openai.chunks import has_text, is_usage_only
+from mpcapi.openai.sse import DONE, SSEEvent
+from mpcapi.openai.usage import Usage, usage_of, usage_of_chunk
+
+
+def _parsed(data: str) -> dict[str, Any] | None:
+    try:
+        document = orjson.loads(data)
+    except ValueError:
+        return None
+    return document if isinstance(document, dict) else None
+
+
+@attrs.define
+class StreamReader:
+    """What one stream has said so far: its usage, whether its end marker came."""
+
+    usage: Usage | None = None
+    done: bool = False
+    object_id: str | None = None  # the id of what the stream creates (a stored response)
+
+    def read(self, event: SSEEvent) -> tuple[bool, bool]:
+        """Take one event: (it carries text, it is a usage-only chunk)."""
+        raise NotImplementedError
+
+
+class ChatReader(StreamReader):
+    def read(self, event: SSEEvent) -> tuple[bool, bool]:
+        if event.data == DONE:
+            self.done = True
+            return False, False
+        chunk = _parsed(event.data)
+        if chunk is None:
+            return False, False
+        choices = chunk.get("choices")
+        text = isinstance(choices, list) and any(has_text(choice) for choice in choices)
+        usage = usage_of_chunk(chunk)
+        if usage is None:
+            return text, False
+        self.usage = usage
+        return text, is_usage_only(chunk)
+
+
+_RESPONSE_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+class ResponsesReader(StreamReader):
+    def read(self, event: SSEEvent) -> tuple[bool, bool]:
+        if event.event == "response.output_text.delta":
+            return True, False
+        if event.event == "response.created":
+            document = _parsed(event.data)
+            response = document.get("response") if document is not None else None
+            if isinstance(response, dict) and isinstance(response.get("id"), str):
+                self.object_id = response["id"]
+        if event.event in _RESPONSE_ENDS:
+            self.done = True
+            document = _parsed(event.data)
+            response = document.get("response") if document is not None else None
+            if isinstance(response, dict) and isinstance(response.get("usage"), dict):
+                self.usage = usage_of(response["usage"], response.get("model"))
+        return False, False
+
+
+class AnthropicReader(StreamReader):
+    def read(self, event: SSEEvent) -> tuple[bool, bool]:
+        name = event.event
+        if name == "content_block_delta":
+            return '"text_delta"' in event.data, False
+        if name == "message_stop":
+            self.done = True
+        elif name == "message_start":
+            document = _parsed(event.data)
+            message = document.get("message") if document is not None else None
+            if isinstance(message, dict) and isinstance(message.get("usage"), dict):
+                self.usage = usage_of(message["usage"], message.get("model"))
+        elif name == "message_delta":
+            document = _parsed(event.data)
+            usage = document.get("usage") if document is not None else None
+            if isinstance(usage, dict):  # output_tokens so far; the input came at the start
+                start = self.usage or Usage()
+                output = usage_of(usage).completion_tokens
+                self.usage = attrs.evolve(start, completion_tokens=output)
+        return False, False
+
+
+def _chat_error(message: str, kind: str) -> bytes:
+    document = {"error": {"message": message, "type": kind}}
+    return b"data: " + json.dumps(document).encode("utf-8") + b"\n\n"
+
+
+def _responses_error(message: str, kind: str) -> bytes:
+    # The Responses API's error event; its "error" member makes the OpenAI SDKs raise.
+    document = {
+        "type": "error",
+        "code": kind,
+        "message": message,
+        "param": None,
+        "error": {"message": message, "type": kind},
+    }
+    return b"event: error\ndata: " + json.dumps(document).encode("utf-8") + b"\n\n"
+
+
+def _anthropic_error(message: str, kind: str) -> bytes:
+    document = {"type": "error", "error": {"type": "api_error", "message": message}}
+    return b"event: error\ndata: " + json.dumps(document).encode("utf-8") + b"\n\n"
+
+
+@attrs.frozen
+class EventFormat:
+    """One family's stream: its reader, and the event that ends a stream that failed."""
+
+    name: str
+    reader: Callable[[], StreamReader]
+    error_event: Callable[[str, str], bytes]  # (message, kind) -> one SSE event
+    # Chat only: usage comes when stream_options asks for it (the ledger always wants it).
+    usage_on_request: bool = False
+
+
+CHAT_EVENTS = EventFormat("chat", ChatReader, _chat_error, usage_on_request=True)
+RESPONSES_EVENTS = EventFormat("responses", ResponsesReader, _responses_error)
+ANTHROPIC_EVENTS = EventFormat("anthropic", AnthropicReader, _anthropic_error)
+
+__all__ = [
+    "ANTHROPIC_EVENTS",
+    "CHAT_EVENTS",
+    "RESPONSES_EVENTS",
+    "EventFormat",
+    "StreamReader",
+]

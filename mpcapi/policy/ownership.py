@@ -1,0 +1,74 @@
+"""Ownership of what LiteLLM stores for clients: responses, files, batches.
+
+MPC-API calls LiteLLM with one key for every client, so LiteLLM cannot tell clients apart;
+MPC-API does. The key that created an object owns it; anyone else who reads, lists,
+cancels, deletes or refers to it (``previous_response_id``, a batch's ``input_file_id``)
+is told it does not exist (404), as if it never had. Owners are recorded in the client
+keys' database (``storage.objects``), so every instance on it agrees; an owner, once
+known, is remembered in memory (it never changes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from mpcapi.errors import ApiError
+from mpcapi.storage import objects
+from mpcapi.storage.database import Database
+
+_REMEMBERED = 10_000  # owners kept in memory
+
+
+def not_found(kind: str, object_id: str) -> ApiError:
+    return ApiError(404, "Not Found", f"no {kind} with id {object_id!r}", code=f"{kind}_not_found")
+
+
+@attrs.define
+class Ownership:
+    """Records and checks who made each stored object."""
+
+    database: Database
+    _owners: dict[tuple[str, str], str] = attrs.field(factory=dict, init=False)
+
+    async def claim(self, kind: str, object_id: str, owner: str) -> None:
+        await self.database.run(objects.claim, kind, object_id, owner)
+        self._remember(kind, object_id, owner)
+
+    async def check(self, kind: str, object_id: str, owner: str) -> None:
+        """404 unless ``owner`` made the object."""
+        known = self._owners.get((kind, object_id))
+        if known is None:
+            known = await self.database.run(objects.owner_of, kind, object_id)
+            if known is not None:
+                self._remember(kind, object_id, known)
+        if known != owner:
+            raise not_found(kind, object_id)
+
+    async def only_owned(self, kind: str, listing: Any, owner: str) -> Any:
+        """A list answer (``{"data": [{"id": …}, …]}``) cut to ``owner``'s objects."""
+        items = listing.get("data") if isinstance(listing, dict) else None
+        if not isinstance(items, list):
+            return listing
+        ids: Sequence[str] = [
+            item["id"]
+            for item in items
+            if isinstance(item, dict) and isinstance(item.get("id"), str)
+        ]
+        owned = await self.database.run(objects.owned_among, kind, ids, owner)
+        kept = [item for item in items if isinstance(item, dict) and item.get("id") in owned]
+        cut = {**listing, "data": kept}
+        if "first_id" in cut:  # OpenAI's cursor fields describe the list as shown
+            cut["first_id"] = kept[0]["id"] if kept else None
+            cut["last_id"] = kept[-1]["id"] if kept else None
+        return cut
+
+    def _remember(self, kind: str, object_id: str, owner: str) -> None:
+        if len(self._owners) >= _REMEMBERED:
+            self._owners.pop(next(iter(self._owners)))
+        self._owners[(kind, object_id)] = owner
+
+
+__all__ = ["Ownership", "not_found"]
