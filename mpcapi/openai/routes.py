@@ -306,13 +306,14 @@ SCHEMA_NAMES = tuple(sorted({route.schema for route in ROUTES if route.schema is
 
 
 def anthropic_path(path: str) -> bool:
-    """Whether ``path`` is one of the Anthropic routes, whose errors take Anthropic's shape
-    (even those that come before routing: 404, 405, 413)."""
+    """Whether ``path`` is one of the Anthropic routes (or anything below /anthropic/), whose
+    errors take Anthropic's shape, even those that come before routing (404, 405, 413)."""
     return path.startswith(_ANTHROPIC_PATHS)
 
 
-_ANTHROPIC_PATHS = tuple(
-    prefix + route.path for route in ROUTES if route.anthropic for prefix in route.prefixes
+_ANTHROPIC_PATHS = (
+    "/anthropic/",
+    *(prefix + route.path for route in ROUTES if route.anthropic for prefix in route.prefixes),
 )
 
 __all__ = [

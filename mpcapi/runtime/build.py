@@ -118,7 +118,8 @@ def build_gateway(
     validator = RequestValidator()
     # With client keys, who made each stored object (responses, files, batches) is kept in
     # their database: LiteLLM sees one key for every client and cannot tell them apart.
-    ownership = Ownership(keys.database) if keys is not None else None
+    database = keys.database if keys is not None else None
+    ownership = Ownership(database) if database is not None else None
     forwarding = Forwarding(
         live, upstream, clock, admission, cache, validator, ledger, settings.log_bodies, ownership
     )

@@ -4,14 +4,17 @@ of a fake LiteLLM, both driven in memory through ``StubTreq`` on a ``task.Clock`
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import attrs
+import treq
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
+from twisted.web.client import Agent
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from mpcapi.config.settings import Settings
 from mpcapi.exchange import Exchange, ExchangeObserver
@@ -20,6 +23,7 @@ from mpcapi.ledger.ledger import UsageLedger
 from mpcapi.policy.keys import KeyAuthenticator
 from mpcapi.runtime.build import GatewayParts, build_gateway
 from mpcapi.upstream.client import LiteLLMClient
+from mpcapi.upstream.http import body_producer
 
 UPSTREAM = "http://litellm.test:4000"
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello!"}]}
@@ -42,6 +46,7 @@ class Seen:
     path: str
     headers: dict[str, list[str]]
     body: bytes
+    query: str = ""
 
     def header(self, name: str) -> str | None:
         values = self.headers.get(name.lower())
@@ -89,7 +94,8 @@ class FakeLiteLLM(Resource):
         body = request.content.read() if request.content is not None else b""
         path = request.path.decode()
         method = request.method.decode()
-        self.seen.append(Seen(method, path, headers, body))
+        query = request.uri.partition(b"?")[2].decode()
+        self.seen.append(Seen(method, path, headers, body, query))
         handler = self.routes.get((method, path))
         if handler is None:
             return answer(404, {"error": {"message": f"no {method} {path}"}})(request)
@@ -124,7 +130,8 @@ class Harness:
 
     def flush(self) -> None:
         for _ in range(5):
-            self.upstream_stub.flush()
+            if isinstance(self.upstream_stub, StubTreq):  # not a real client over TCP
+                self.upstream_stub.flush()
             self.client.flush()
 
     async def post(self, path: str, body: bytes | dict[str, Any], **kwargs: Any) -> Any:
@@ -187,6 +194,23 @@ def make_harness(
     )
     client = StubTreq(parts.gateway.resource())
     return Harness(fake, clock, upstream_stub, client, parts)
+
+
+@contextmanager
+def tcp_harness(**overrides: Any) -> Iterator[Harness]:
+    """A harness whose LiteLLM calls go over TCP, with treq as the daemon has it, to a
+    ``FakeLiteLLM`` served on 127.0.0.1: for what StubTreq cannot carry (uploads streamed
+    from a file). Wait for answers with ``tests.support.keys.settle``."""
+    from twisted.internet import reactor
+
+    fake = FakeLiteLLM()
+    port = reactor.listenTCP(0, Site(fake), interface="127.0.0.1")
+    http = treq.client.HTTPClient(Agent(reactor), data_to_body_producer=body_producer)
+    url = f"http://127.0.0.1:{port.getHost().port}"
+    try:
+        yield make_harness(fake=fake, http=http, litellm_base_url=url, **overrides)
+    finally:
+        port.stopListening()
 
 
 def observed_harness(*observers: ExchangeObserver) -> tuple[Harness, list[Exchange]]:

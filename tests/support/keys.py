@@ -27,8 +27,9 @@ class FakeKeys:
     """Stands in for ``KeyAuthenticator``: the bearer token is the key id; a missing or
     unknown one is refused with the real 401s."""
 
-    def __init__(self, keys: dict[str, ClientKey]) -> None:
+    def __init__(self, keys: dict[str, ClientKey], database: Database | None = None) -> None:
         self.keys = keys
+        self.database = database  # where owners of stored objects go (None: not kept)
 
     async def authenticate(self, authorization: bytes | str | None) -> ClientKey:
         key = self.keys.get(bearer_token(authorization))
@@ -49,9 +50,12 @@ def client_key(key_id: str, user: str, rpm: int | None = None, tpm: int | None =
     )
 
 
-def keyed_harness(keys: dict[str, ClientKey], **overrides: Any) -> Harness:
-    """``make_harness`` with client keys on (the auth part faked)."""
-    return make_harness(keys=FakeKeys(keys), **{"auth": "keys", **overrides})
+def keyed_harness(
+    keys: dict[str, ClientKey], database: Database | None = None, **overrides: Any
+) -> Harness:
+    """``make_harness`` with client keys on (the auth part faked); with ``database``, the
+    owners of stored objects are kept there."""
+    return make_harness(keys=FakeKeys(keys, database), **{"auth": "keys", **overrides})
 
 
 def bearer(token: str) -> dict[str, Any]:

@@ -1,0 +1,344 @@
+"""The model API families through the one pipeline, in memory: Responses, Anthropic
+Messages (its key header, its headers passed on, its error shape), binary answers relayed,
+uploads streamed, URL arguments and queries, and ownership of stored objects."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.web.server import Request
+
+from mpcapi.exchange import Exchange
+from tests.support.databases import sqlite_url
+from tests.support.gateway import (
+    Harness,
+    answer,
+    json_body,
+    make_harness,
+    observed_harness,
+    tcp_harness,
+)
+from tests.support.keys import Answer, client_key, keyed_harness, new_key, settle
+from tests.unit.openai.test_model_api_wire import BOUNDARY, form_body
+
+MESSAGE = {"model": "claude-x", "max_tokens": 50, "messages": [{"role": "user", "content": "Hi"}]}
+ANTHROPIC_ANSWER = {
+    "id": "msg_1",
+    "type": "message",
+    "role": "assistant",
+    "model": "claude-x",
+    "content": [{"type": "text", "text": "Hello"}],
+    "usage": {"input_tokens": 5, "output_tokens": 2, "cache_read_input_tokens": 3},
+}
+MULTIPART = {"content-type": [b"multipart/form-data; boundary=" + BOUNDARY]}
+
+
+def anthropic_error(document: Any, kind: str, *words: str) -> None:
+    assert document["type"] == "error"
+    assert document["error"]["type"] == kind
+    for word in words:
+        assert word in document["error"]["message"]
+    assert document["request_id"]
+
+
+# --- Responses and Anthropic Messages -----------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_response_is_forwarded_and_its_usage_read() -> None:
+    harness, seen = observed_harness()
+    document = {"id": "resp_1", "model": "m", "usage": {"input_tokens": 4, "output_tokens": 6}}
+    harness.fake.routes[("POST", "/responses")] = answer(
+        200, document, {"x-litellm-response-cost": "0.002"}
+    )
+    response = await harness.post("/v1/responses", {"model": "m", "input": "Hi"})
+    assert response.code == 200
+    assert (await json_body(response))["id"] == "resp_1"
+    exchange = seen[-1]
+    assert exchange.route == "/responses" and exchange.model == "m"
+    assert exchange.usage is not None
+    assert (exchange.usage.prompt_tokens, exchange.usage.completion_tokens) == (4, 6)
+    assert exchange.usage.cost_usd == 0.002
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bad_responses_body_is_a_400_naming_the_field() -> None:
+    harness = make_harness()
+    response = await harness.post("/api/responses", {"model": "m"})
+    assert response.code == 400
+    document = await json_body(response)
+    assert document["error"]["type"] == "invalid_request_error"
+    assert "input" in document["error"]["message"]
+    assert harness.fake.seen == []
+
+
+@pytest.mark.parametrize("prefix", ["/v1", "/api/v1", "/anthropic/v1"])
+@pytest_twisted.ensureDeferred
+async def test_anthropic_messages_take_x_api_key_and_pass_anthropic_headers(prefix: str) -> None:
+    keys = {"key_a": client_key("key_a", "alice")}
+    harness = keyed_harness(keys)
+    harness.fake.routes[("POST", "/v1/messages")] = answer(200, ANTHROPIC_ANSWER)
+    headers = {"x-api-key": "key_a", "anthropic-version": "2023-06-01", "anthropic-beta": "b1"}
+    response = await harness.post(f"{prefix}/messages", MESSAGE, headers=headers)
+    assert response.code == 200
+    assert (await json_body(response))["content"][0]["text"] == "Hello"
+    sent = harness.fake.seen[-1]
+    assert sent.path == "/v1/messages"
+    assert sent.header("anthropic-version") == "2023-06-01"
+    assert sent.header("anthropic-beta") == "b1"
+    assert sent.header("authorization") == "Bearer sk-ours"  # ours, never the client's
+    assert sent.header("x-api-key") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_anthropic_usage_counts_cache_tokens_in_the_prompt() -> None:
+    harness, seen = observed_harness()
+    harness.fake.routes[("POST", "/v1/messages")] = answer(200, ANTHROPIC_ANSWER)
+    assert (await harness.post("/v1/messages", MESSAGE)).code == 200
+    usage = seen[-1].usage
+    assert usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.cache_read_tokens) == (8, 2, 3)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"model": "claude-x", "messages": [{"role": "user", "content": "Hi"}]}, "max_tokens"),
+        ({"model": "claude-x", "max_tokens": 5}, "messages"),
+        ({"max_tokens": 5, "messages": [{"role": "user", "content": "Hi"}]}, "model"),
+        ({**MESSAGE, "messages": [{"role": "system", "content": "Hi"}]}, "role"),
+        ({**MESSAGE, "max_tokens": 0}, "max_tokens"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_bad_anthropic_body_is_an_anthropic_shaped_400(body: Any, field: str) -> None:
+    harness = make_harness()
+    response = await harness.post("/v1/messages", body)
+    assert response.code == 400
+    anthropic_error(await json_body(response), "invalid_request_error", field)
+    assert harness.fake.seen == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_anthropic_routes_refuse_in_anthropic_shape() -> None:
+    harness = keyed_harness({"key_a": client_key("key_a", "alice")})
+    refused = await harness.post("/v1/messages", MESSAGE, headers={"x-api-key": "nope"})
+    assert refused.code == 401
+    anthropic_error(await json_body(refused), "authentication_error")
+    missing = await harness.post("/anthropic/v1/complete", MESSAGE, headers={"x-api-key": "key_a"})
+    assert missing.code == 404
+    anthropic_error(await json_body(missing), "not_found_error", "/anthropic/v1/complete")
+    wrong = await harness.get("/v1/messages", headers={"x-api-key": "key_a"})
+    assert wrong.code == 405
+    anthropic_error(await json_body(wrong), "invalid_request_error", "GET")
+    # The OpenAI routes keep OpenAI's shape.
+    openai = await harness.post("/v1/responses", {"model": "m", "input": "x"})
+    assert (await json_body(openai))["error"]["type"] == "authentication_error"
+
+
+# --- binary answers, uploads, URL arguments ----------------------------------------------------
+
+
+def audio(size: int) -> Any:
+    def handle(request: Request) -> bytes:
+        request.setHeader(b"content-type", b"audio/mpeg")
+        request.setHeader(b"x-litellm-response-cost", b"0.015")
+        return bytes(range(256)) * (size // 256)
+
+    return handle
+
+
+@pytest_twisted.ensureDeferred
+async def test_speech_is_relayed_byte_for_byte_with_its_type_and_cost() -> None:
+    harness, seen = observed_harness()
+    harness.fake.routes[("POST", "/audio/speech")] = audio(2 * 1024 * 1024)
+    body = {"model": "tts-1", "input": "Hello", "voice": "alloy"}
+    response = await harness.post("/v1/audio/speech", body)
+    assert response.code == 200
+    assert response.headers.getRawHeaders(b"content-type") == [b"audio/mpeg"]
+    content = await response.content()
+    assert content == bytes(range(256)) * (2 * 1024 * 1024 // 256)
+    usage = seen[-1].usage
+    assert usage is not None and usage.cost_usd == 0.015
+    assert seen[-1].outcome == "completed"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bad_speech_body_is_a_400() -> None:
+    harness = make_harness()
+    response = await harness.post("/v1/audio/speech", {"model": "tts-1", "input": "Hello"})
+    assert response.code == 400
+    assert "voice" in (await json_body(response))["error"]["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upload_reaches_litellm_unchanged_with_its_boundary() -> None:
+    seen: list[Exchange] = []
+    with tcp_harness(observers=[seen.append]) as harness:
+        harness.fake.routes[("POST", "/audio/transcriptions")] = answer(200, {"text": "hi"})
+        body = form_body(("model", b"whisper-1", None), ("file", b"\x00RIFF" * 50_000, "a.wav"))
+        url = "http://mpcapi.test/v1/audio/transcriptions"
+        response = await settle(harness, harness.client.post(url, data=body, headers=MULTIPART))
+        assert response.code == 200
+        assert json.loads(await settle(harness, response.content()))["text"] == "hi"
+    sent = harness.fake.seen[-1]
+    assert sent.body == body
+    assert sent.header("content-type") == MULTIPART["content-type"][0].decode()
+    assert seen[-1].model == "whisper-1"
+
+
+@pytest.mark.parametrize(
+    ("path", "parts", "field"),
+    [
+        ("/v1/audio/transcriptions", [("model", b"whisper-1", None)], "file"),
+        ("/v1/audio/translations", [("file", b"x", "a.wav")], "model"),
+        ("/v1/images/edits", [("image", b"x", "a.png")], "prompt"),
+        ("/v1/files", [("file", b"x", "a.jsonl")], "purpose"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_an_upload_without_a_required_field_is_a_400_naming_it(
+    path: str, parts: list[tuple[str, bytes, str | None]], field: str
+) -> None:
+    harness = make_harness()
+    response = await harness.post(path, form_body(*parts), headers=MULTIPART)
+    assert response.code == 400
+    document = await json_body(response)
+    assert document["error"]["param"] == field
+    assert f"'{field}'" in document["error"]["message"]
+    assert harness.fake.seen == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upload_that_is_not_a_form_is_a_400() -> None:
+    """(Broken forms are tested on the daemon: StubTreq's own Site parses forms first.)"""
+    harness = make_harness()
+    headers = {"content-type": [b"application/json"]}
+    response = await harness.post("/v1/audio/transcriptions", b"{}", headers=headers)
+    assert response.code == 400
+    assert "multipart/form-data" in (await json_body(response))["error"]["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_url_arguments_and_queries_reach_litellm() -> None:
+    harness = make_harness()
+    harness.fake.routes[("GET", "/files/file-9/content")] = audio(256)
+    harness.fake.routes[("GET", "/models/gpt-4o-mini")] = answer(200, {"id": "gpt-4o-mini"})
+    harness.fake.routes[("GET", "/files")] = answer(200, {"object": "list", "data": []})
+    content = await harness.get("/v1/files/file-9/content")
+    assert content.code == 200 and len(await content.content()) == 256
+    model = await harness.get("/api/models/gpt-4o-mini")
+    assert (await json_body(model))["id"] == "gpt-4o-mini"
+    listed = await harness.get("/v1/files?purpose=batch&limit=2")
+    assert listed.code == 200
+    assert harness.fake.seen[-1].query == "purpose=batch&limit=2"
+
+
+@pytest.mark.parametrize(
+    "path", ["/api/key/generate", "/v1/user/new", "/team/list", "/config/update"]
+)
+@pytest_twisted.ensureDeferred
+async def test_litellm_admin_routes_are_not_reachable(path: str) -> None:
+    harness = make_harness()
+    response = await harness.post(path, {"key_alias": "x"})
+    assert response.code == 404
+    assert harness.fake.seen == []
+
+
+# --- ownership ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def owned(tmp_path: Path) -> Iterator[Harness]:
+    """Client keys on, over SQLite; the fake LiteLLM (over TCP: uploads) stores files."""
+    with tcp_harness(auth="keys", database_url=sqlite_url(tmp_path)) as harness:
+        yield from _storing(harness)
+
+
+def _storing(harness: Harness) -> Iterator[Harness]:
+    files: dict[str, dict[str, Any]] = {}
+
+    def upload(request: Request) -> bytes:
+        file_id = f"file-{len(files) + 1}"
+        files[file_id] = {"id": file_id, "object": "file", "purpose": "batch"}
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(files[file_id]).encode()
+
+    def listing(request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        items = list(files.values())
+        return json.dumps(
+            {"object": "list", "data": items, "first_id": "x", "last_id": "y"}
+        ).encode()
+
+    harness.fake.routes[("POST", "/files")] = upload
+    harness.fake.routes[("GET", "/files")] = listing
+    for file_id in ("file-1", "file-2"):
+        harness.fake.routes[("GET", f"/files/{file_id}")] = answer(200, {"id": file_id})
+        harness.fake.routes[("DELETE", f"/files/{file_id}")] = answer(200, {"id": file_id})
+    harness.fake.routes[("POST", "/batches")] = answer(200, {"id": "batch_1", "object": "batch"})
+    harness.fake.routes[("POST", "/responses")] = answer(
+        200, {"id": "resp_1", "object": "response"}
+    )
+    harness.fake.routes[("GET", "/responses/resp_1")] = answer(200, {"id": "resp_1"})
+    yield harness
+    assert harness.keys is not None
+    harness.keys.database.close()
+
+
+async def send(
+    harness: Harness, method: str, path: str, secret: str, body: Any = None, **kwargs: Any
+) -> Answer:
+    headers = {"Authorization": f"Bearer {secret}", **kwargs.pop("headers", {})}
+    url = f"http://mpcapi.test{path}"
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()
+    d = harness.client.request(method, url, data=body, headers=headers, **kwargs)
+    response = await settle(harness, d)
+    return Answer(response.code, response.headers, await settle(harness, response.content()))
+
+
+@pytest_twisted.ensureDeferred
+async def test_stored_objects_are_seen_by_their_owner_only(owned: Harness) -> None:
+    harness = owned
+    _, alice = await new_key(harness, "alice")
+    _, bob = await new_key(harness, "bob")
+    upload = form_body(("purpose", b"batch", None), ("file", b'{"a": 1}\n', "in.jsonl"))
+    multipart = {"content-type": MULTIPART["content-type"][0].decode()}
+    made = await send(harness, "POST", "/v1/files", alice, upload, headers=multipart)
+    assert made.code == 200 and made.json()["id"] == "file-1"
+    made = await send(harness, "POST", "/v1/files", bob, upload, headers=multipart)
+    assert made.json()["id"] == "file-2"
+
+    assert (await send(harness, "GET", "/v1/files/file-1", alice)).code == 200
+    for method, path in [("GET", "/v1/files/file-1"), ("DELETE", "/v1/files/file-1")]:
+        refused = await send(harness, method, path, bob)
+        assert refused.code == 404, (method, path)
+        assert "file-1" in refused.json()["error"]["message"]
+    listed = await send(harness, "GET", "/v1/files", bob)
+    assert [item["id"] for item in listed.json()["data"]] == ["file-2"]
+    assert listed.json()["first_id"] == listed.json()["last_id"] == "file-2"
+
+    batch = {
+        "input_file_id": "file-1",
+        "endpoint": "/v1/chat/completions",
+        "completion_window": "24h",
+    }
+    assert (await send(harness, "POST", "/v1/batches", bob, batch)).code == 404
+    assert (await send(harness, "POST", "/v1/batches", alice, batch)).code == 200
+
+    first = await send(harness, "POST", "/v1/responses", alice, {"model": "m", "input": "x"})
+    assert first.json()["id"] == "resp_1"
+    assert (await send(harness, "GET", "/v1/responses/resp_1", bob)).code == 404
+    assert (await send(harness, "GET", "/v1/responses/resp_1", alice)).code == 200
+    chained = {"model": "m", "input": "y", "previous_response_id": "resp_1"}
+    assert (await send(harness, "POST", "/v1/responses", bob, chained)).code == 404
+    unknown = await send(harness, "GET", "/v1/batches/batch_404", alice)
+    assert unknown.code == 404
+    gets = [s for s in harness.fake.seen if s.method == "GET" and s.path != "/files"]
+    assert [s.path for s in gets] == ["/files/file-1", "/responses/resp_1"]
