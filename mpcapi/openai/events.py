@@ -44,62 +44,62 @@ class StreamReader:
 
     def read(self, event: SSEEvent) -> tuple[bool, bool]:
         """Take one event: (it carries text, it is a usage-only chunk)."""
+        if event.data == DONE:
+            self.done = True
+            return False, False
+        document = _parsed(event.data)
+        return (False, False) if document is None else self.take(event.event, document)
+
+    def take(self, name: str, document: dict[str, Any]) -> tuple[bool, bool]:
+        """Take one parsed event (``name`` is its SSE type): as ``read``."""
         raise NotImplementedError
 
 
 class ChatReader(StreamReader):
-    def read(self, event: SSEEvent) -> tuple[bool, bool]:
-        if event.data == DONE:
-            self.done = True
-            return False, False
-        chunk = _parsed(event.data)
-        if chunk is None:
-            return False, False
-        choices = chunk.get("choices")
+    def take(self, name: str, document: dict[str, Any]) -> tuple[bool, bool]:
+        choices = document.get("choices")
         text = isinstance(choices, list) and any(has_text(choice) for choice in choices)
-        usage = usage_of_chunk(chunk)
+        usage = usage_of_chunk(document)
         if usage is None:
             return text, False
         self.usage = usage
-        return text, is_usage_only(chunk)
+        return text, is_usage_only(document)
 
 
 _RESPONSE_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
 class ResponsesReader(StreamReader):
-    def read(self, event: SSEEvent) -> tuple[bool, bool]:
-        if event.event == "response.output_text.delta":
+    def take(self, name: str, document: dict[str, Any]) -> tuple[bool, bool]:
+        kind = document.get("type", name)  # the data names its event too
+        if kind == "response.output_text.delta":
             return True, False
-        if event.event == "response.created":
-            document = _parsed(event.data)
-            response = document.get("response") if document is not None else None
-            if isinstance(response, dict) and isinstance(response.get("id"), str):
-                self.object_id = response["id"]
-        if event.event in _RESPONSE_ENDS:
+        response = document.get("response")
+        if not isinstance(response, dict):
+            return False, False
+        if kind == "response.created" and isinstance(response.get("id"), str):
+            self.object_id = response["id"]
+        elif kind in _RESPONSE_ENDS:
             self.done = True
-            document = _parsed(event.data)
-            response = document.get("response") if document is not None else None
-            if isinstance(response, dict) and isinstance(response.get("usage"), dict):
+            if isinstance(response.get("usage"), dict):
                 self.usage = usage_of(response["usage"], response.get("model"))
         return False, False
 
 
 class AnthropicReader(StreamReader):
-    def read(self, event: SSEEvent) -> tuple[bool, bool]:
-        name = event.event
-        if name == "content_block_delta":
-            return '"text_delta"' in event.data, False
-        if name == "message_stop":
+    def take(self, name: str, document: dict[str, Any]) -> tuple[bool, bool]:
+        kind = document.get("type", name)
+        if kind == "content_block_delta":
+            delta = document.get("delta")
+            return isinstance(delta, dict) and delta.get("type") == "text_delta", False
+        if kind == "message_stop":
             self.done = True
-        elif name == "message_start":
-            document = _parsed(event.data)
-            message = document.get("message") if document is not None else None
+        elif kind == "message_start":
+            message = document.get("message")
             if isinstance(message, dict) and isinstance(message.get("usage"), dict):
                 self.usage = usage_of(message["usage"], message.get("model"))
-        elif name == "message_delta":
-            document = _parsed(event.data)
-            usage = document.get("usage") if document is not None else None
+        elif kind == "message_delta":
+            usage = document.get("usage")
             if isinstance(usage, dict):  # output_tokens so far; the input came at the start
                 start = self.usage or Usage()
                 output = usage_of(usage).completion_tokens

@@ -157,6 +157,7 @@ def build_gateway(
             message_observers,
             counts_usage=ledger is not None,
             traced=tracing is not None,
+            ownership=ownership,
         )
 
     gateway = Gateway(

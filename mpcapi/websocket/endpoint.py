@@ -30,6 +30,7 @@ from mpcapi.exchange import ExchangeObserver
 from mpcapi.openai.validation import RequestValidator
 from mpcapi.policy.admission import Admission
 from mpcapi.policy.cache import ResponseCache
+from mpcapi.policy.ownership import Ownership
 from mpcapi.upstream.client import LiteLLMClient
 from mpcapi.websocket.protocol import GatewayWebSocketFactory
 from mpcapi.websocket.session import WebSocketSession
@@ -65,6 +66,7 @@ class WebSocketEndpoint:
         observers: Sequence[ExchangeObserver] = (),
         counts_usage: bool = False,
         traced: bool = False,
+        ownership: Ownership | None = None,
     ) -> None:
         self.live = live
         self.upstream = upstream
@@ -75,6 +77,7 @@ class WebSocketEndpoint:
         self.observers = list(observers)  # told of every finished message, as for HTTP
         self.counts_usage = counts_usage  # the ledger is on: every stream asks for its usage
         self.traced = traced  # tracing is on: every message is a span of the upgrade's trace
+        self.ownership = ownership  # with client keys: who made each stored response
         # Read at start, as the HTTP body limit is (a reload does not change it).
         self.max_body_bytes = live.current.max_body_bytes
         self.factory = GatewayWebSocketFactory(self, server="mpc-api", reactor=clock)

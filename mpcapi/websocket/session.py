@@ -20,10 +20,10 @@ from twisted.python.failure import Failure
 from mpcapi.errors import ApiError, bad_request, internal_error, phrase
 from mpcapi.exchange import WEBSOCKET, Exchange
 from mpcapi.http.requestlog import new_request_id, report
-from mpcapi.openai.chunks import asks_for_usage, has_text, is_usage_only, with_usage_requested
+from mpcapi.openai.chunks import asks_for_usage, with_usage_requested
+from mpcapi.openai.events import StreamReader
 from mpcapi.openai.replay import answer_of_chunks, replay_of
 from mpcapi.openai.routes import BY_PATH, Route
-from mpcapi.openai.usage import usage_of_chunk
 from mpcapi.openai.validation import parse_json_object
 from mpcapi.tracing.context import trace_context
 from mpcapi.upstream.client import check_upstream_status, error_message
@@ -42,6 +42,7 @@ socket_log = Logger(namespace="mpcapi.websocket")
 OPERATIONS = {
     "chat.completions": BY_PATH["/chat/completions"],
     "completions": BY_PATH["/completions"],
+    "responses": BY_PATH["/responses"],
 }
 CANCEL = "cancel"
 # A message's "cache" field: what Cache-Control says on HTTP (see mpcapi.policy.cache).
@@ -78,6 +79,7 @@ class Message:
     stream: UpstreamStream | None = None
     store_key: str | None = None  # where the answer goes once it is complete
     chunks: list[Any] = attrs.field(factory=list)  # the answer so far, while it is to be stored
+    reader: StreamReader = attrs.field(factory=StreamReader)  # its family's (see openai.events)
 
 
 class WebSocketSession:
@@ -207,9 +209,12 @@ class WebSocketSession:
         model = body.get("model")
         exchange.model = model if isinstance(model, str) else None
         exchange.route, message.route = route.path, route
-        stores = self._endpoint.cache.enabled and directive != "no-store"
+        assert route.events is not None  # every operation streams
+        message.reader = route.events.reader()
+        stores = route.cacheable and self._endpoint.cache.enabled and directive != "no-store"
         # The ledger counts every stream, and a stored answer keeps its usage: ask for it.
-        if (self._endpoint.counts_usage or stores) and not asks_for_usage(body):
+        wants_usage = self._endpoint.counts_usage or stores
+        if route.events.usage_on_request and wants_usage and not asks_for_usage(body):
             message.hide_usage = True
             body = with_usage_requested(body)
         raw = json.dumps({**body, "stream": True}, separators=(",", ":")).encode("utf-8")
@@ -238,13 +243,19 @@ class WebSocketSession:
         # As on HTTP: the client key (a key revoked while its socket is open stops working),
         # its budget, the rate limits (over a limit: 429 with retry_after).
         await endpoint.admission.admit(exchange, self.client_key_header)
-        if await self._replayed(message):
+        route = message.route
+        assert route is not None
+        ownership, owner, document = endpoint.ownership, exchange.key_id, message.document
+        if ownership and owner and route.stored is not None and document is not None:
+            for field, kind in route.stored.refers:  # someone else's previous_response_id
+                if isinstance(document.get(field), str):
+                    await ownership.check(kind, document[field], owner)
+        if route.cacheable and await self._replayed(message):
             return
-        assert message.route is not None
         exchange.upstream_sent_at = self._clock.seconds()
         response = await endpoint.upstream.send(
-            message.route.method,
-            message.route.path,
+            route.method,
+            route.path,
             body=body,
             authorization=self._authorization,
             request_id=exchange.request_id,
@@ -322,18 +333,18 @@ class WebSocketSession:
 
     # Towards the client (called by UpstreamStream too)
 
-    def chunk(self, message: Message, data: Any) -> None:
+    def chunk(self, message: Message, data: Any, event: str = "message") -> None:
         exchange = message.exchange
         if message.store_key is not None:
             message.chunks.append(data)
         if isinstance(data, dict):
-            usage = usage_of_chunk(data)
-            if usage is not None:
-                exchange.usage = usage
-                if message.hide_usage and is_usage_only(data):
+            reader = message.reader
+            text, usage_only = reader.take(event, data)
+            if reader.usage is not None:
+                exchange.usage = reader.usage
+                if message.hide_usage and usage_only:
                     return
-            choices = data.get("choices")
-            if isinstance(choices, list) and any(has_text(choice) for choice in choices):
+            if text:
                 exchange.content_deltas += 1
         exchange.events += 1
         if exchange.first_byte_at is None:
@@ -342,12 +353,25 @@ class WebSocketSession:
 
     def done(self, message: Message) -> None:
         self._store(message)
+        self._claim(message)
         exchange = message.exchange
         answer: dict[str, Any] = {"id": exchange.message_id, "type": "done"}
         if exchange.cache is not None:  # what x-mpcapi-cache says on HTTP
             answer["cache"] = exchange.cache
         self._send(message, answer)
         self._finish(message)
+
+    def _claim(self, message: Message) -> None:
+        """Record the key that created a stored object (a response), as on HTTP."""
+        ownership, route = self._endpoint.ownership, message.route
+        object_id, owner = message.reader.object_id, message.exchange.key_id
+        if ownership is None or route is None or route.stored is None:
+            return
+        if object_id is not None and owner is not None:
+            claimed = defer.Deferred.fromCoroutine(
+                ownership.claim(route.stored.kind, object_id, owner)
+            )
+            claimed.addErrback(lambda failure: log.failure("could not record an owner", failure))
 
     def _store(self, message: Message) -> None:
         """Keep a complete answer in the response cache, as a non-streamed answer."""

@@ -11,6 +11,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
 from mpcapi.errors import ApiError, bad_gateway, gateway_timeout, phrase
+from mpcapi.openai.events import CHAT_EVENTS
 from mpcapi.openai.sse import DONE, SSEEvent, SSEParser
 from mpcapi.upstream.bodies import UpstreamBody
 from mpcapi.upstream.client import check_upstream_status, error_message
@@ -55,7 +56,9 @@ class UpstreamStream(UpstreamBody):
         if self.over:
             return
         if reason.check(ResponseDone):
-            why = "LiteLLM closed the stream without [DONE]"
+            route = self._message.route
+            end = "[DONE]" if route is None or route.events is CHAT_EVENTS else "its end event"
+            why = f"LiteLLM closed the stream without {end}"
         else:
             why = f"LiteLLM broke off the stream: {reason.value}"
         self._fail(bad_gateway(why, "broken"), "upstream_error")
@@ -94,7 +97,11 @@ class UpstreamStream(UpstreamBody):
             self._fail(problem, "upstream_error")
             self._close_upstream()
             return
-        self._session.chunk(self._message, chunk)
+        self._session.chunk(self._message, chunk, event.event)
+        if self._message.reader.done:  # a family that ends with an event, not [DONE]
+            self._stop()
+            self._session.done(self._message)
+            self._close_upstream()
 
     def _reported_error(self, chunk: Any) -> ApiError | None:
         """The error of an ``{"error": {...}}`` event LiteLLM sends when a provider fails."""

@@ -237,6 +237,47 @@ def test_text_completions(harness: Harness) -> None:
     assert harness.fake.seen[0].path == "/completions"
 
 
+def test_a_responses_request_streams_its_events_until_the_completed_one(
+    harness: Harness, logged: list[LogEvent]
+) -> None:
+    """The Responses API ends with ``response.completed``, not [DONE]: the socket says done
+    then, with the usage that event carries."""
+    usage = {"input_tokens": 3, "output_tokens": 2}
+    created = {"type": "response.created", "response": {"id": "resp_9"}}
+    delta = {"type": "response.output_text.delta", "delta": "Hi"}
+    completed = {"type": "response.completed", "response": {"id": "resp_9", "usage": usage}}
+    harness.fake.routes[("POST", "/responses")] = whole_stream(
+        *(
+            f"event: {document['type']}\ndata: {json.dumps(document)}\n\n".encode()
+            for document in (created, delta, completed)
+        )
+    )
+    client = harness.open()
+    client.send_json({"id": "r", "type": "responses", "body": {"model": "m", "input": "Hi"}})
+    harness.settle()
+    assert client.messages == [
+        {"id": "r", "type": "chunk", "data": created},
+        {"id": "r", "type": "chunk", "data": delta},
+        {"id": "r", "type": "chunk", "data": completed},
+        {"id": "r", "type": "done"},
+    ]
+    assert harness.seen_body() == {"model": "m", "input": "Hi", "stream": True}
+    [entry] = logged
+    assert entry["ws_type"] == "responses"
+    assert (entry["prompt_tokens"], entry["completion_tokens"]) == (3, 2)
+    assert entry["outcome"] == "completed"
+
+
+def test_a_bad_responses_body_is_refused_naming_the_field(harness: Harness) -> None:
+    client = harness.open()
+    client.send_json({"id": "r", "type": "responses", "body": {"model": "m"}})
+    harness.settle()
+    [answer] = client.messages
+    assert answer["type"] == "error" and answer["status"] == 400
+    assert "input" in answer["message"]
+    assert harness.fake.seen == []
+
+
 def test_the_v1_alias(harness: Harness) -> None:
     harness.fake.routes[("POST", "/chat/completions")] = whole_stream(b"data: [DONE]\n\n")
     client = harness.open("/v1/ws")
