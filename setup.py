@@ -37,6 +37,7 @@ setup(
             "pytest>=8.0",
             "pytest-twisted>=1.14",
             "openai>=1.50",
+            "anthropic>=0.40",  # the Messages tests of tests/integration/test_litellm_standin.py
             "langchain-openai>=0.3",  # the SDK error tests (tests/integration/test_sdk_errors.py)
             "opentelemetry-proto>=1.27",  # the OTLP receiver of the tracing tests
             "ruff>=0.6",

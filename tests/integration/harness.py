@@ -2,6 +2,8 @@
 
 - ``running_litellm``: the LiteLLM proxy of ``.venv-litellm`` with ``etc/litellm/config.yaml``
   (offline mock models); ``ensure_litellm_installed`` creates ``.venv-litellm`` like scripts/test.
+  ``write_standin_config`` adds the models of litellm_standin_models.yaml, which LiteLLM really
+  calls at the stand-in provider of tests/support/standin.py (the ``litellm`` fixture uses it).
   ``LiteLLMServer`` is the same proxy on a fixed port, which a test can kill and start again.
 - ``DaemonLauncher``: ``twistd -n mpcapi`` subprocesses, each in its own working directory with
   its output in files; ``Daemon`` is one of them.
@@ -34,6 +36,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
+import yaml
 from openai.types.chat import ChatCompletionMessageParam
 
 from tests.support.httpserver import serving
@@ -43,6 +46,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 LITELLM_VENV = REPO_ROOT / ".venv-litellm"
 LITELLM_BIN = LITELLM_VENV / "bin" / "litellm"
 LITELLM_CONFIG = REPO_ROOT / "etc" / "litellm" / "config.yaml"
+# A `{standin}` in it stands for the stand-in provider's URL (tests/support/standin.py).
+LITELLM_STANDIN_MODELS = Path(__file__).with_name("litellm_standin_models.yaml")
 LITELLM_REQUIREMENTS = REPO_ROOT / "etc" / "litellm" / "requirements.txt"
 LITELLM_LIVENESS_PATH = "/health/liveliness"
 LITELLM_MASTER_KEY = "sk-mpcapi-test-master"
@@ -189,6 +194,16 @@ class LiteLLMServer:
         if self.process is not None:
             stop_process(self.process)
         self.process = None
+
+
+def write_standin_config(path: Path, standin_url: str, base: Path = LITELLM_CONFIG) -> Path:
+    """Write to ``path`` the LiteLLM config ``base`` with the stand-in models of
+    LITELLM_STANDIN_MODELS added to its model list, their ``api_base`` at ``standin_url``."""
+    config = yaml.safe_load(base.read_text())
+    text = LITELLM_STANDIN_MODELS.read_text().replace("{standin}", standin_url)
+    config["model_list"] = [*config["model_list"], *yaml.safe_load(text)]
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
 
 
 @contextmanager
