@@ -30,6 +30,7 @@ BodyKind = Literal["json", "multipart", "none"]
 OPENAI_PREFIXES = ("/api", "/v1")
 ANTHROPIC_PREFIXES = ("/v1", "/api/v1", "/anthropic/v1")
 _ARGUMENT = re.compile(r"<(?:\w+:)?(\w+)>")
+_SEGMENT = "!$&'()*+,;=:@"  # what a path segment may hold unquoted (RFC 3986), "/" not
 
 
 @attrs.frozen
@@ -84,7 +85,7 @@ class Route:
         template = self.upstream or self.path
         if not arguments:
             return template
-        return _ARGUMENT.sub(lambda match: quote(arguments[match.group(1)], safe=""), template)
+        return _ARGUMENT.sub(lambda match: quote(arguments[match.group(1)], _SEGMENT), template)
 
 
 def _json(path: str, name: str, summary: str, schema: str | None = None, **more: object) -> Route:

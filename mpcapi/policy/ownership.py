@@ -6,10 +6,18 @@ cancels, deletes or refers to it (``previous_response_id``, a batch's ``input_fi
 is told it does not exist (404), as if it never had. Owners are recorded in the client
 keys' database (``storage.objects``), so every instance on it agrees; an owner, once
 known, is remembered in memory (it never changes).
+
+LiteLLM hands out ids of its own that encode the provider's id with the deployment that
+holds it, and not always the same one for the same object (a response's id is encoded
+anew on every answer; a file list shows the provider's ids). Owners are therefore kept by
+the provider's id inside (``provider_id``). A forged id gains nothing: it names a provider
+id whose owner is someone else, or nobody.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +28,29 @@ from mpcapi.storage import objects
 from mpcapi.storage.database import Database
 
 _REMEMBERED = 10_000  # owners kept in memory
+
+
+def provider_id(object_id: str) -> str:
+    """The provider's id inside one of LiteLLM's ids (``object_id`` itself otherwise):
+    ``resp_`` + base64 of ``litellm:custom_llm_provider:…;model_id:…;response_id:<id>``, or
+    ``file-``/``batch_`` + URL-safe base64 of ``litellm:<id>;model,<model>``."""
+    for prefix, decode in (
+        ("resp_", base64.b64decode),
+        ("file-", base64.urlsafe_b64decode),
+        ("batch_", base64.urlsafe_b64decode),
+    ):
+        if object_id.startswith(prefix):
+            encoded = object_id[len(prefix) :]
+            try:
+                text = decode(encoded + "=" * (-len(encoded) % 4)).decode("utf-8")
+            except (binascii.Error, ValueError):
+                return object_id
+            if text.startswith("litellm:custom_llm_provider:") and ";response_id:" in text:
+                return text.rpartition(";response_id:")[2]
+            if text.startswith("litellm:") and ";model," in text:
+                return text[len("litellm:") :].rpartition(";model,")[0]
+            return object_id
+    return object_id
 
 
 def not_found(kind: str, object_id: str) -> ApiError:
@@ -34,16 +65,18 @@ class Ownership:
     _owners: dict[tuple[str, str], str] = attrs.field(factory=dict, init=False)
 
     async def claim(self, kind: str, object_id: str, owner: str) -> None:
-        await self.database.run(objects.claim, kind, object_id, owner)
-        self._remember(kind, object_id, owner)
+        stored_id = provider_id(object_id)
+        await self.database.run(objects.claim, kind, stored_id, owner)
+        self._remember(kind, stored_id, owner)
 
     async def check(self, kind: str, object_id: str, owner: str) -> None:
         """404 unless ``owner`` made the object."""
-        known = self._owners.get((kind, object_id))
+        stored_id = provider_id(object_id)
+        known = self._owners.get((kind, stored_id))
         if known is None:
-            known = await self.database.run(objects.owner_of, kind, object_id)
+            known = await self.database.run(objects.owner_of, kind, stored_id)
             if known is not None:
-                self._remember(kind, object_id, known)
+                self._remember(kind, stored_id, known)
         if known != owner:
             raise not_found(kind, object_id)
 
@@ -71,4 +104,4 @@ class Ownership:
         self._owners[(kind, object_id)] = owner
 
 
-__all__ = ["Ownership", "not_found"]
+__all__ = ["Ownership", "not_found", "provider_id"]

@@ -4,6 +4,7 @@ uploads streamed, URL arguments and queries, and ownership of stored objects."""
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest_twisted
 from twisted.web.server import Request
 
 from mpcapi.exchange import Exchange
+from mpcapi.policy.ownership import provider_id
 from tests.support.databases import sqlite_url
 from tests.support.gateway import (
     Harness,
@@ -342,3 +344,50 @@ async def test_stored_objects_are_seen_by_their_owner_only(owned: Harness) -> No
     assert unknown.code == 404
     gets = [s for s in harness.fake.seen if s.method == "GET" and s.path != "/files"]
     assert [s.path for s in gets] == ["/files/file-1", "/responses/resp_1"]
+
+
+def litellm_response_id(raw: str) -> str:
+    """A response id as LiteLLM 1.106 makes it (responses/utils.py)."""
+    text = f"litellm:custom_llm_provider:openai;model_id:abc123;response_id:{raw}"
+    return "resp_" + base64.b64encode(text.encode()).decode()
+
+
+def litellm_file_id(raw: str, prefix: str = "file-") -> str:
+    """A file or batch id as LiteLLM 1.106 makes it (openai_files_endpoints/common_utils.py)."""
+    text = f"litellm:{raw};model,standin-gpt"
+    return prefix + base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def test_owners_are_kept_by_the_provider_id_inside_litellms_ids() -> None:
+    assert provider_id(litellm_response_id("resp_abc")) == "resp_abc"
+    assert provider_id(litellm_file_id("file-xyz")) == "file-xyz"
+    assert provider_id(litellm_file_id("batch_q1", "batch_")) == "batch_q1"
+    for plain in ("resp_plain", "file-abc", "batch_!!", "resp_@@@", "msg_1", ""):
+        assert provider_id(plain) == plain
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_response_id_encoded_anew_still_belongs_to_its_owner(owned: Harness) -> None:
+    """LiteLLM answers a GET with the same response under a new id; and a file list shows
+    the provider's ids: both are still the owner's."""
+    harness = owned
+    _, alice = await new_key(harness, "alice")
+    _, bob = await new_key(harness, "bob")
+    first = litellm_response_id("resp_raw1")
+    again = (
+        "resp_"
+        + base64.b64encode(
+            b"litellm:custom_llm_provider:openai;model_id:other;response_id:resp_raw1"
+        ).decode()
+    )
+    created = {"id": first, "object": "response"}
+    harness.fake.routes[("POST", "/responses")] = answer(200, created)
+    for response_id in (first, again):
+        harness.fake.routes[("GET", f"/responses/{response_id}")] = answer(200, {"id": again})
+    assert (
+        await send(harness, "POST", "/v1/responses", alice, {"model": "m", "input": "x"})
+    ).code == 200
+    assert (await send(harness, "GET", f"/v1/responses/{again}", alice)).code == 200
+    assert (await send(harness, "GET", f"/v1/responses/{again}", bob)).code == 404
+    forged = litellm_file_id("resp_raw1")  # the right provider id, in another wrapping
+    assert (await send(harness, "GET", f"/v1/responses/{forged}", bob)).code == 404
