@@ -81,7 +81,7 @@ class Forwarding:
         """The answer's body (its status and headers set), or None once a relayed stream
         has finished the request itself. ``arguments`` are the URL's (a file's id …)."""
         exchange = exchange_of(request)
-        exchange.route = route.path
+        exchange.route = route.label
         authorization = request.getHeader(b"authorization")
         if authorization is None and route.anthropic:  # Anthropic's SDKs send x-api-key
             api_key = request.getHeader(b"x-api-key")
@@ -254,10 +254,10 @@ class Forwarding:
         response.deliverBody(relay)
         # The relay finishes the request itself; Klein must not finish it before.
         await relay.ended
-        object_id = relay.object_id
-        if call.owner is not None and route.stored is not None and object_id is not None:
+        if call.owner is not None and route.stored is not None:
             assert self.ownership is not None
-            await self.ownership.claim(route.stored.kind, object_id, call.owner)
+            for object_id in relay.object_ids:
+                await self.ownership.claim(route.stored.kind, object_id, call.owner)
         return None
 
     async def _send(self, request: Request, call: _Call, body: Any) -> IResponse:

@@ -77,9 +77,9 @@ class SSERelay(UpstreamBody):
         self.ended: Deferred[StreamEnd] = Deferred()
 
     @property
-    def object_id(self) -> str | None:
-        """The id of what the stream created (a stored response), when it said one."""
-        return self._reader.object_id
+    def object_ids(self) -> list[str]:
+        """The ids the stream gave what it created (a stored response)."""
+        return self._reader.object_ids
 
     # Upstream side (IProtocol)
 

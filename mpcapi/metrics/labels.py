@@ -11,7 +11,7 @@ from mpcapi.openai.routes import ROUTES
 OTHER = "other"
 ANONYMOUS = "anonymous"
 
-OPENAI_ROUTES = (*(route.path for route in ROUTES), "/ws")
+OPENAI_ROUTES = (*(route.label for route in ROUTES), "/ws")
 # Routes that are not API traffic: the dashboard's rates and errors leave them out.
 SERVICE_ROUTES = (
     "/health",

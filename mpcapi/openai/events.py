@@ -40,7 +40,9 @@ class StreamReader:
 
     usage: Usage | None = None
     done: bool = False
-    object_id: str | None = None  # the id of what the stream creates (a stored response)
+    # The ids the stream gives what it creates (a stored response): LiteLLM may give it a
+    # new one in each event that carries it.
+    object_ids: list[str] = attrs.Factory(list)
 
     def read(self, event: SSEEvent) -> tuple[bool, bool]:
         """Take one event: (it carries text, it is a usage-only chunk)."""
@@ -77,9 +79,10 @@ class ResponsesReader(StreamReader):
         response = document.get("response")
         if not isinstance(response, dict):
             return False, False
-        if kind == "response.created" and isinstance(response.get("id"), str):
-            self.object_id = response["id"]
-        elif kind in _RESPONSE_ENDS:
+        response_id = response.get("id")
+        if isinstance(response_id, str) and response_id not in self.object_ids:
+            self.object_ids.append(response_id)
+        if kind in _RESPONSE_ENDS:
             self.done = True
             if isinstance(response.get("usage"), dict):
                 self.usage = usage_of(response["usage"], response.get("model"))

@@ -70,6 +70,11 @@ class Route:
     anthropic: bool = False  # our own errors in Anthropic's shape; x-api-key accepted
     headers: tuple[bytes, ...] = ()  # request headers passed on to LiteLLM
     stored: Stored | None = None
+    # The operation as logs, metrics and the ledger name it: the path, ids as {name}.
+    label: str = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "label", _ARGUMENT.sub(r"{\1}", self.path))
 
     @property
     def streams(self) -> bool:
@@ -298,10 +303,10 @@ ROUTES = (
     ),
 )
 BY_NAME = {route.name: route for route in ROUTES}
-# By our path (the Exchange's route); routes that share a path share what is looked up here.
+# By label (the Exchange's route); routes that share a path share what is looked up here.
 BY_PATH: dict[str, Route] = {}
 for _route in ROUTES:
-    BY_PATH.setdefault(_route.path, _route)
+    BY_PATH.setdefault(_route.label, _route)
 CACHEABLE_PATHS = tuple(route.path for route in ROUTES if route.cacheable)
 SCHEMA_NAMES = tuple(sorted({route.schema for route in ROUTES if route.schema is not None}))
 

@@ -85,13 +85,18 @@ class Ownership:
         items = listing.get("data") if isinstance(listing, dict) else None
         if not isinstance(items, list):
             return listing
-        ids: Sequence[str] = [
-            item["id"]
+        ids = {
+            item["id"]: provider_id(item["id"])
             for item in items
             if isinstance(item, dict) and isinstance(item.get("id"), str)
+        }
+        stored: Sequence[str] = sorted(set(ids.values()))
+        owned = await self.database.run(objects.owned_among, kind, stored, owner)
+        kept = [
+            item
+            for item in items
+            if isinstance(item, dict) and ids.get(item.get("id", "")) in owned
         ]
-        owned = await self.database.run(objects.owned_among, kind, ids, owner)
-        kept = [item for item in items if isinstance(item, dict) and item.get("id") in owned]
         cut = {**listing, "data": kept}
         if "first_id" in cut:  # OpenAI's cursor fields describe the list as shown
             cut["first_id"] = kept[0]["id"] if kept else None

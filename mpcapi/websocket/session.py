@@ -208,7 +208,7 @@ class WebSocketSession:
         message.cache_control, message.document = directive, body
         model = body.get("model")
         exchange.model = model if isinstance(model, str) else None
-        exchange.route, message.route = route.path, route
+        exchange.route, message.route = route.label, route
         assert route.events is not None  # every operation streams
         message.reader = route.events.reader()
         stores = route.cacheable and self._endpoint.cache.enabled and directive != "no-store"
@@ -364,10 +364,10 @@ class WebSocketSession:
     def _claim(self, message: Message) -> None:
         """Record the key that created a stored object (a response), as on HTTP."""
         ownership, route = self._endpoint.ownership, message.route
-        object_id, owner = message.reader.object_id, message.exchange.key_id
-        if ownership is None or route is None or route.stored is None:
+        owner = message.exchange.key_id
+        if ownership is None or route is None or route.stored is None or owner is None:
             return
-        if object_id is not None and owner is not None:
+        for object_id in message.reader.object_ids:
             claimed = defer.Deferred.fromCoroutine(
                 ownership.claim(route.stored.kind, object_id, owner)
             )

@@ -92,7 +92,7 @@ def test_a_responses_stream_says_its_id_text_usage_and_end() -> None:
     reader = RESPONSES_EVENTS.reader()
     created = {"type": "response.created", "response": {"id": "resp_1", "model": "m"}}
     assert reader.read(named("response.created", created)) == (False, False)
-    assert reader.object_id == "resp_1" and not reader.done
+    assert reader.object_ids == ["resp_1"] and not reader.done
     delta = {"type": "response.output_text.delta", "delta": "Hi"}
     assert reader.read(named("response.output_text.delta", delta)) == (True, False)
     usage = {"input_tokens": 7, "output_tokens": 3, "input_tokens_details": {"cached_tokens": 2}}
