@@ -1,8 +1,8 @@
 """Fixtures of the integration tests (the tools themselves are in ``harness``).
 
 - ``litellm`` (session): a real LiteLLM proxy with the mock models of etc/litellm/config.yaml and
-  the ``standin-*`` models of litellm_standin_models.yaml, which call ``standin``.
-- ``standin`` (session): the stand-in provider (tests/support/standin.py) on a thread.
+  the ``standin-*`` models of litellm_standin_models.yaml, which call ``standin_provider``.
+- ``standin_provider`` (session): the stand-in provider (tests/support/standin.py) on a thread.
 - ``mpcapi`` (session): one ``twistd -n mpcapi`` in front of it, for tests needing nothing special.
 - ``start_mpcapi(*args, **env)``: a daemon of the test's own, with environment overrides.
 - ``dead_upstream_url``, ``stalled_upstream_url``, ``fake_upstream``: stand-in upstreams.
@@ -30,16 +30,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def standin() -> Iterator[StandIn]:
+def standin_provider() -> Iterator[StandIn]:
     """The stand-in provider that LiteLLM's ``standin-*`` models call."""
     with running_standin() as running:
         yield running
 
 
 @pytest.fixture(scope="session")
-def litellm(standin: StandIn, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiteLLM]:
+def litellm(
+    standin_provider: StandIn, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiteLLM]:
     directory = tmp_path_factory.mktemp("litellm")
-    config = harness.write_standin_config(directory / "config.yaml", standin.url)
+    config = harness.write_standin_config(directory / "config.yaml", standin_provider.url)
     with harness.running_litellm(directory / "litellm.log", config) as running:
         yield running
 

@@ -93,7 +93,7 @@ def first_and_rest(
 # --- chat completions ---------------------------------------------------------------------------
 
 
-def test_chat_completions_stream(sdk: openai.OpenAI, standin: StandIn) -> None:
+def test_chat_completions_stream(sdk: openai.OpenAI, standin_provider: StandIn) -> None:
     stream = sdk.chat.completions.create(
         model="standin-gpt",
         messages=[{"role": "user", "content": "Hi"}],
@@ -106,13 +106,15 @@ def test_chat_completions_stream(sdk: openai.OpenAI, standin: StandIn) -> None:
     usage = chunks[-1].usage
     assert usage is not None
     assert (usage.prompt_tokens, usage.completion_tokens) == (INPUT_TOKENS, OUTPUT_TOKENS)
-    assert standin.last("/v1/chat/completions").json()["stream_options"] == {"include_usage": True}
+    assert standin_provider.last("/v1/chat/completions").json()["stream_options"] == {
+        "include_usage": True
+    }
 
 
 # --- Responses API ------------------------------------------------------------------------------
 
 
-def test_responses(sdk: openai.OpenAI, standin: StandIn) -> None:
+def test_responses(sdk: openai.OpenAI, standin_provider: StandIn) -> None:
     raw = sdk.responses.with_raw_response.create(model="standin-gpt", input="Hi")
     response = raw.parse()
     assert response.output_text == STANDIN_TEXT
@@ -122,7 +124,7 @@ def test_responses(sdk: openai.OpenAI, standin: StandIn) -> None:
     assert raw.headers[MODEL_ID]
     # The id is LiteLLM's own (it encodes the deployment), not the provider's.
     assert not response.id.startswith("resp_standin")
-    sent = standin.last("/v1/responses")
+    sent = standin_provider.last("/v1/responses")
     assert sent.json() == {"model": "gpt-4o-mini", "input": "Hi"}
     assert sent.headers["authorization"] == "Bearer sk-standin"
 
@@ -158,14 +160,14 @@ def test_responses_stream_sdk(sdk: openai.OpenAI) -> None:
     assert text == STANDIN_TEXT
 
 
-def test_responses_stream_is_unbuffered(litellm: LiteLLM, standin: StandIn) -> None:
+def test_responses_stream_is_unbuffered(litellm: LiteLLM, standin_provider: StandIn) -> None:
     """LiteLLM answers (headers and first event) only once the provider has sent two events;
     from then on it relays each event as it comes: here the first text delta (the provider's
     fifth event) arrives while the provider holds back the rest."""
     body = {"model": "standin-gpt", "input": "Hi", "stream": True}
     headers = {"authorization": f"Bearer {litellm.key}"}
     with (
-        standin.hold(after=5) as release,
+        standin_provider.hold(after=5) as release,
         httpx.Client(base_url=litellm.url, headers=headers, timeout=UNBUFFERED_TIMEOUT) as client,
         client.stream("POST", "/v1/responses", json=body) as response,
     ):
@@ -178,17 +180,19 @@ def test_responses_stream_is_unbuffered(litellm: LiteLLM, standin: StandIn) -> N
     assert rest[-1][1] == "[DONE]"
 
 
-def test_responses_stream_waits_for_two_events(litellm: LiteLLM, standin: StandIn) -> None:
+def test_responses_stream_waits_for_two_events(litellm: LiteLLM, standin_provider: StandIn) -> None:
     body = {"model": "standin-gpt", "input": "Hi", "stream": True}
     headers = {"authorization": f"Bearer {litellm.key}"}
-    with standin.hold(after=1) as release:
+    with standin_provider.hold(after=1) as release:
         threading.Timer(HELD, release.set).start()
         started = time.monotonic()
         with httpx.stream("POST", litellm.url + "/v1/responses", json=body, headers=headers):
             assert time.monotonic() - started >= HELD * 0.9
 
 
-def test_response_get_cancel_input_items_delete(api: httpx.Client, standin: StandIn) -> None:
+def test_response_get_cancel_input_items_delete(
+    api: httpx.Client, standin_provider: StandIn
+) -> None:
     created = api.post("/v1/responses", json={"model": "standin-gpt", "input": "Hi"}).json()
     response_id = created["id"]
 
@@ -198,12 +202,12 @@ def test_response_get_cancel_input_items_delete(api: httpx.Client, standin: Stan
     assert got.json()["id"] != response_id  # LiteLLM encodes it anew on every answer
     assert got.headers[MODEL_ID]
     # LiteLLM decoded its id to the provider's.
-    raw_id = standin.requests[-1].path.removeprefix("/v1/responses/")
-    assert raw_id in standin.responses
+    raw_id = standin_provider.requests[-1].path.removeprefix("/v1/responses/")
+    assert raw_id in standin_provider.responses
 
     items = api.get(f"/v1/responses/{response_id}/input_items").json()
     assert items["data"][0]["content"][0]["text"] == "Hi"
-    assert standin.requests[-1].query == {"limit": ["20"], "order": ["desc"]}
+    assert standin_provider.requests[-1].query == {"limit": ["20"], "order": ["desc"]}
 
     cancelled = api.post(f"/v1/responses/{response_id}/cancel")
     assert cancelled.json()["status"] == "cancelled"
@@ -222,7 +226,7 @@ def test_response_get_needs_litellm_id(api: httpx.Client) -> None:
     assert "You passed in model=None" in answer.json()["error"]["message"]
 
 
-def test_responses_input_tokens(api: httpx.Client, standin: StandIn) -> None:
+def test_responses_input_tokens(api: httpx.Client, standin_provider: StandIn) -> None:
     answer = api.post("/v1/responses/input_tokens", json={"model": "standin-gpt", "input": "Hi"})
     assert answer.json() == {
         "object": "response.input_tokens",
@@ -230,13 +234,13 @@ def test_responses_input_tokens(api: httpx.Client, standin: StandIn) -> None:
         "litellm_count_source": "provider",
     }
     assert not any(name.startswith("x-litellm") for name in answer.headers)
-    assert standin.last("/v1/responses/input_tokens").json()["model"] == "gpt-4o-mini"
+    assert standin_provider.last("/v1/responses/input_tokens").json()["model"] == "gpt-4o-mini"
 
 
 # --- Anthropic Messages -------------------------------------------------------------------------
 
 
-def test_messages(claude: anthropic.Anthropic, standin: StandIn) -> None:
+def test_messages(claude: anthropic.Anthropic, standin_provider: StandIn) -> None:
     raw = claude.messages.with_raw_response.create(
         model="standin-claude", max_tokens=50, messages=[{"role": "user", "content": "Hi"}]
     )
@@ -246,7 +250,7 @@ def test_messages(claude: anthropic.Anthropic, standin: StandIn) -> None:
     assert (message.usage.input_tokens, message.usage.output_tokens) == (11, 7)
     assert message.model == "standin-claude"
     assert float(raw.headers[COST]) > 0
-    sent = standin.last("/v1/messages")
+    sent = standin_provider.last("/v1/messages")
     assert sent.headers["x-api-key"] == "sk-ant-standin"
     assert sent.json()["model"] == "claude-haiku-4-5-20251001"
 
@@ -288,12 +292,12 @@ def test_messages_stream_sdk(claude: anthropic.Anthropic) -> None:
     assert final.usage.output_tokens == OUTPUT_TOKENS
 
 
-def test_messages_stream_is_unbuffered(litellm: LiteLLM, standin: StandIn) -> None:
+def test_messages_stream_is_unbuffered(litellm: LiteLLM, standin_provider: StandIn) -> None:
     body = {"model": "standin-claude", "max_tokens": 50, "stream": True,
             "messages": [{"role": "user", "content": "Hi"}]}  # fmt: skip
     headers = {"authorization": f"Bearer {litellm.key}"}
     with (
-        standin.hold() as release,
+        standin_provider.hold() as release,
         httpx.Client(base_url=litellm.url, headers=headers, timeout=UNBUFFERED_TIMEOUT) as client,
         client.stream("POST", "/v1/messages", json=body) as response,
     ):
@@ -302,7 +306,9 @@ def test_messages_stream_is_unbuffered(litellm: LiteLLM, standin: StandIn) -> No
     assert rest[-1][0] == "message_stop"
 
 
-def test_messages_through_an_openai_model(claude: anthropic.Anthropic, standin: StandIn) -> None:
+def test_messages_through_an_openai_model(
+    claude: anthropic.Anthropic, standin_provider: StandIn
+) -> None:
     """For an OpenAI model LiteLLM turns /v1/messages into a Responses API call."""
     message = claude.messages.create(
         model="standin-gpt", max_tokens=50, messages=[{"role": "user", "content": "Hi"}]
@@ -310,7 +316,7 @@ def test_messages_through_an_openai_model(claude: anthropic.Anthropic, standin: 
     assert message.content[0].type == "text"
     assert message.content[0].text == STANDIN_TEXT
     assert (message.usage.input_tokens, message.usage.output_tokens) == (11, 7)
-    sent = standin.last("/v1/responses").json()
+    sent = standin_provider.last("/v1/responses").json()
     assert sent["max_output_tokens"] == 50
     with claude.messages.stream(
         model="standin-gpt", max_tokens=50, messages=[{"role": "user", "content": "Hi"}]
@@ -328,19 +334,19 @@ def test_messages_through_an_openai_model(claude: anthropic.Anthropic, standin: 
     ],
 )
 def test_messages_count_tokens(
-    api: httpx.Client, standin: StandIn, model: str, provider_path: str
+    api: httpx.Client, standin_provider: StandIn, model: str, provider_path: str
 ) -> None:
     body = {"model": model, "messages": [{"role": "user", "content": "Hi"}]}
     answer = api.post("/v1/messages/count_tokens", json=body)
     assert answer.json() == {"input_tokens": INPUT_TOKENS, "litellm_count_source": "provider"}
-    assert standin.requests[-1].path == provider_path
+    assert standin_provider.requests[-1].path == provider_path
 
 
 # --- rerank -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("route", ["/v1/rerank", "/v2/rerank"])
-def test_rerank(api: httpx.Client, standin: StandIn, route: str) -> None:
+def test_rerank(api: httpx.Client, standin_provider: StandIn, route: str) -> None:
     body = {"model": "standin-rerank", "query": "q", "documents": ["a", "b", "c"], "top_n": 2}
     answer = api.post(route, json=body)
     assert answer.status_code == 200
@@ -349,7 +355,7 @@ def test_rerank(api: httpx.Client, standin: StandIn, route: str) -> None:
     assert result["meta"]["billed_units"] == {"search_units": 1}
     assert float(answer.headers[COST]) == pytest.approx(0.002)  # one query of rerank-v3.5
     # Whichever route: LiteLLM calls Cohere's v2 API.
-    sent = standin.last("/v2/rerank")
+    sent = standin_provider.last("/v2/rerank")
     assert sent.json()["model"] == "rerank-v3.5"
     assert sent.headers["authorization"] == "Bearer standin-cohere-key"
 
@@ -357,24 +363,24 @@ def test_rerank(api: httpx.Client, standin: StandIn, route: str) -> None:
 # --- audio --------------------------------------------------------------------------------------
 
 
-def test_speech(api: httpx.Client, standin: StandIn) -> None:
+def test_speech(api: httpx.Client, standin_provider: StandIn) -> None:
     body = {"model": "standin-tts", "input": "Hello world", "voice": "alloy"}
     answer = api.post("/v1/audio/speech", json=body)
     assert answer.status_code == 200
     assert answer.headers["content-type"] == "audio/mpeg"
     assert len(answer.content) == 1000
     assert float(answer.headers[COST]) > 0  # per input character
-    assert standin.last("/v1/audio/speech").json()["model"] == "tts-1"
+    assert standin_provider.last("/v1/audio/speech").json()["model"] == "tts-1"
 
 
-def test_speech_is_buffered(litellm: LiteLLM, standin: StandIn) -> None:
+def test_speech_is_buffered(litellm: LiteLLM, standin_provider: StandIn) -> None:
     """The input text sets the size. LiteLLM reads the provider's whole answer before it sends
     anything (so a 50 MB answer sits in LiteLLM's memory): here no header comes before the
     provider, held after its first 64 KiB, sends the rest."""
     size = 5 * 2**20
     body = {"model": "standin-tts", "input": str(size), "voice": "alloy"}
     headers = {"authorization": f"Bearer {litellm.key}"}
-    with standin.hold(after=1) as release:
+    with standin_provider.hold(after=1) as release:
         threading.Timer(HELD, release.set).start()
         started = time.monotonic()
         with httpx.stream(
@@ -384,7 +390,7 @@ def test_speech_is_buffered(litellm: LiteLLM, standin: StandIn) -> None:
             assert sum(len(chunk) for chunk in response.iter_bytes()) == size
 
 
-def test_transcription(api: httpx.Client, standin: StandIn) -> None:
+def test_transcription(api: httpx.Client, standin_provider: StandIn) -> None:
     audio = b"ID3" + bytes(2000)
     answer = api.post(
         "/v1/audio/transcriptions",
@@ -395,7 +401,7 @@ def test_transcription(api: httpx.Client, standin: StandIn) -> None:
     assert answer.json()["text"] == STANDIN_TRANSCRIPT
     assert answer.json()["usage"] == {"type": "duration", "seconds": 1.0}
     assert float(answer.headers[COST]) > 0  # per second of the usage's duration
-    parts = standin.last("/v1/audio/transcriptions").parts()
+    parts = standin_provider.last("/v1/audio/transcriptions").parts()
     assert parts["file"].content == audio
     assert parts["file"].filename == "a.mp3"
     assert parts["model"].content == b"whisper-1"
@@ -422,13 +428,13 @@ def test_routes_litellm_does_not_have(api: httpx.Client, route: str) -> None:
 # --- images -------------------------------------------------------------------------------------
 
 
-def test_image_generation(api: httpx.Client, standin: StandIn) -> None:
+def test_image_generation(api: httpx.Client, standin_provider: StandIn) -> None:
     answer = api.post("/v1/images/generations", json={"model": "standin-image", "prompt": "a cat"})
     image = answer.json()
     assert base64.b64decode(image["data"][0]["b64_json"]) == PNG_1X1
     assert image["usage"]["input_tokens"] == INPUT_TOKENS
     assert float(answer.headers[COST]) > 0
-    assert standin.last("/v1/images/generations").json()["model"] == "gpt-image-1"
+    assert standin_provider.last("/v1/images/generations").json()["model"] == "gpt-image-1"
 
 
 def test_image_generation_mock(api: httpx.Client) -> None:
@@ -437,7 +443,7 @@ def test_image_generation_mock(api: httpx.Client) -> None:
     assert COST not in answer.headers
 
 
-def test_image_edit(api: httpx.Client, standin: StandIn) -> None:
+def test_image_edit(api: httpx.Client, standin_provider: StandIn) -> None:
     answer = api.post(
         "/v1/images/edits",
         data={"model": "standin-image", "prompt": "a hat"},
@@ -446,7 +452,7 @@ def test_image_edit(api: httpx.Client, standin: StandIn) -> None:
     assert answer.status_code == 200
     assert base64.b64decode(answer.json()["data"][0]["b64_json"]) == PNG_1X1
     assert float(answer.headers[COST]) > 0
-    parts = standin.last("/v1/images/edits").parts()
+    parts = standin_provider.last("/v1/images/edits").parts()
     # gpt-image-1 takes a list of images: LiteLLM names the field image[].
     assert parts["image[]"].content == PNG_1X1
     assert parts["prompt"].content == b"a hat"
@@ -455,18 +461,18 @@ def test_image_edit(api: httpx.Client, standin: StandIn) -> None:
 # --- moderations --------------------------------------------------------------------------------
 
 
-def test_moderation(sdk: openai.OpenAI, standin: StandIn) -> None:
+def test_moderation(sdk: openai.OpenAI, standin_provider: StandIn) -> None:
     raw = sdk.moderations.with_raw_response.create(model="standin-moderation", input="hello")
     moderation = raw.parse()
     assert moderation.results[0].flagged is False
     assert COST not in raw.headers  # omni-moderation costs nothing, and no header says so
-    assert standin.last("/v1/moderations").json()["model"] == "omni-moderation-latest"
+    assert standin_provider.last("/v1/moderations").json()["model"] == "omni-moderation-latest"
 
 
 # --- files and batches --------------------------------------------------------------------------
 
 
-def test_files_and_batches(api: httpx.Client, standin: StandIn) -> None:
+def test_files_and_batches(api: httpx.Client, standin_provider: StandIn) -> None:
     """With a `model` form field LiteLLM uses that model's api_base and key, and encodes the
     model into the ids it answers; every later call finds the model in the id. A list needs
     ``?model=``."""
@@ -478,9 +484,9 @@ def test_files_and_batches(api: httpx.Client, standin: StandIn) -> None:
     )
     assert uploaded.status_code == 200, uploaded.text
     file_id = uploaded.json()["id"]
-    raw_file_id = list(standin.files)[-1]
+    raw_file_id = list(standin_provider.files)[-1]
     assert file_id != raw_file_id and file_id.startswith("file-")
-    assert standin.file_contents[raw_file_id] == line
+    assert standin_provider.file_contents[raw_file_id] == line
 
     assert api.get(f"/v1/files/{file_id}").json()["id"] == file_id
     assert api.get(f"/v1/files/{file_id}/content").content == line
@@ -494,7 +500,7 @@ def test_files_and_batches(api: httpx.Client, standin: StandIn) -> None:
     ).json()  # fmt: skip
     assert batch["input_file_id"] == file_id
     assert batch["status"] == "validating"
-    assert standin.last("/v1/batches").json()["input_file_id"] == raw_file_id
+    assert standin_provider.last("/v1/batches").json()["input_file_id"] == raw_file_id
     batch_id = batch["id"]
     assert api.get(f"/v1/batches/{batch_id}").json()["id"] == batch_id
     batches = api.get("/v1/batches", params={"model": "standin-gpt"}).json()
