@@ -27,7 +27,6 @@ from tests.support.standin import (
     PNG_1X1,
     STANDIN_TEXT,
     STANDIN_TRANSCRIPT,
-    StandIn,
 )
 
 from .harness import MOCK_TEXT, Daemon, DaemonLauncher, LiteLLM, daemon_defaults
@@ -356,7 +355,7 @@ def test_bad_uploads_are_400s_naming_what_is_wrong(gateway: Gateway) -> None:
 # --- files and batches --------------------------------------------------------------------------
 
 
-def test_files_and_batches_are_their_owners_only(gateway: Gateway, standin: StandIn) -> None:
+def test_files_and_batches_are_their_owners_only(gateway: Gateway) -> None:
     alice, bob = gateway.openai(), gateway.openai(gateway.bob)
     line = (json.dumps(BATCH_LINE) + "\n").encode()
     model = {"extra_body": {"model": "standin-gpt"}}
