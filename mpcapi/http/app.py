@@ -41,6 +41,7 @@ from mpcapi.errors import (
     with_length,
 )
 from mpcapi.exchange import ExchangeObserver
+from mpcapi.http.adminapi import AdminApi, add_routes
 from mpcapi.http.forwarding import Forwarding
 from mpcapi.http.headers import CorsPolicy, ResponseHeaders
 from mpcapi.http.requestlog import RequestLogging, exchange_of
@@ -96,6 +97,7 @@ class Gateway:
         ledger: UsageLedger | None = None,
         websockets: Callable[[], WebSocketEndpoint] | None = None,
         trace_of: Callable[[IRequest], TraceContext] | None = None,
+        admin_api: AdminApi | None = None,
     ) -> None:
         self.live = live
         self.clock = clock
@@ -106,6 +108,7 @@ class Gateway:
         self.ledger = ledger  # the usage ledger (see mpcapi.ledger); None: off
         self._make_websockets = websockets
         self.trace_of = trace_of  # tracing on: a request's trace context (see mpcapi.tracing)
+        self.admin_api = admin_api  # the /admin routes: keys and teams (see http.adminapi)
         self.dashboard_assets = load_assets()
         self._openapi: tuple[Settings, bytes] | None = None
 
@@ -290,3 +293,13 @@ for _route in ROUTES:
     Gateway.app.route(f"{PREFIX}{_route.path}", methods=[_route.method], endpoint=_route.name)(
         _forwarded(_route)
     )
+
+
+def _admin_api(gateway: Gateway) -> AdminApi:
+    if gateway.admin_api is None:
+        raise not_found("the admin API is not served here")
+    return gateway.admin_api
+
+
+# The admin API's routes: keys and teams (see mpcapi.http.adminapi).
+add_routes(Gateway.app, _admin_api)

@@ -65,6 +65,7 @@ class Forwarding:
         body = request.content.read() if request.content is not None else b""
         document = self.validator.validate(route.schema, body)
         exchange.model = document["model"]
+        self.admission.check_model(exchange, exchange.model)  # 403 outside the key's models
         exchange.max_tokens = document.get("max_tokens")
         exchange.temperature = document.get("temperature")
         if self.keep_bodies:
@@ -111,6 +112,8 @@ class Forwarding:
         if code == 200 and route.usage is not None:
             costs = response.headers.getRawHeaders(COST_HEADER)
             exchange.usage = route.usage(answer, costs[0] if costs else None)
+        if code == 200 and route.path == "/models":  # only the models the key may call
+            answer = self.admission.visible_models(exchange, answer)
         if self.keep_bodies:
             exchange.response_body = answer
         return _relay(request, code, response, answer)

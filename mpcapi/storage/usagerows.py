@@ -53,6 +53,7 @@ COLUMNS = (
     "request_body",
     "response_body",
     "trace_id",
+    "team_id",
 )
 
 
@@ -62,7 +63,7 @@ def _quoted(column: str) -> str:
 
 # Rows per SQLite INSERT statement, largest first: a batch is cut into these sizes only, so
 # the driver prepares (and keeps) four statements, not one per batch size. 200 rows are
-# 4,200 parameters, under SQLite's limit.
+# 4,600 parameters, under SQLite's limit.
 STATEMENT_SIZES = (200, 50, 10, 1)
 
 

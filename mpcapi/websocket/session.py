@@ -238,6 +238,8 @@ class WebSocketSession:
         # As on HTTP: the client key (a key revoked while its socket is open stops working),
         # its budget, the rate limits (over a limit: 429 with retry_after).
         await endpoint.admission.admit(exchange, self.client_key_header)
+        if exchange.model is not None:
+            endpoint.admission.check_model(exchange, exchange.model)
         if await self._replayed(message):
             return
         assert message.route is not None
@@ -294,7 +296,7 @@ class WebSocketSession:
             return  # cancelled, or the socket is gone: nobody waits for an answer
         if failure.check(ApiError):
             problem: ApiError = failure.value  # type: ignore[assignment]
-            outcome = {504: "timeout", 401: "refused", 503: "refused"}.get(
+            outcome = {504: "timeout", 401: "refused", 403: "refused", 503: "refused"}.get(
                 problem.status, "upstream_error"
             )
             if problem.status == 429 and message.exchange.upstream_status is None:
