@@ -388,7 +388,7 @@ def team_document(cursor: Cursor, team: Team, now: float) -> dict[str, Any]:
 def _key(cursor: Cursor, key_id: str) -> ClientKey:
     key = key_rows.key_by_id(cursor, key_id)
     if key is None:
-        raise UnknownIdError(f"no client key {key_id!r}")
+        raise UnknownIdError(f"no key with id {key_id!r}")
     return key
 
 
@@ -478,7 +478,7 @@ def rotate_key(cursor: Cursor, key_id: str, document: Any, now: float) -> dict[s
 def _team(cursor: Cursor, team_id: str) -> Team:
     team = team_rows.team_by_id(cursor, team_id)
     if team is None:
-        raise UnknownIdError(f"no team {team_id!r}")
+        raise UnknownIdError(f"no team with id {team_id!r}")
     return team
 
 
