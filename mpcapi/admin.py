@@ -272,10 +272,13 @@ def _limit(value: int | None) -> str:
     return "default" if value is None else ("unlimited" if value == 0 else str(value))
 
 
-def describe(key: ClientKey) -> str:
-    """One line of ``keys list``: the id first, then owner, limits, budget and state."""
+def describe(key: ClientKey, now: float | None = None) -> str:
+    """One line of ``keys list``: the id first, then owner, limits, budget and state (and,
+    when they are set, its budget period, team, models, alias and expiry)."""
     budget = "none" if key.budget_usd is None else f"{key.budget_usd:g}"
-    state = f"revoked {key.revoked_at}" if key.revoked else "active"
+    state = tenancy.key_state(key, time.time() if now is None else now)
+    if key.revoked:
+        state = f"revoked {key.revoked_at}"
     extras = ""
     if key.budget_period is not None:
         extras += f"  budget_period={key.budget_period}"

@@ -660,3 +660,17 @@ def test_tenancy_functions_take_the_clock_they_are_given(tmp_path: Path) -> None
         assert bad.value.field == "expires_at" and "future" in bad.value.message
     finally:
         database.close()
+
+
+def test_the_cli_lists_an_expired_key_as_expired(tmp_path: Path) -> None:
+    from mpcapi.storage.database import SyncDatabase
+
+    url = f"sqlite:///{tmp_path / 'e.db'}"
+    database = SyncDatabase(url)
+    database.migrate()
+    long_ago = 1_000_000_000.0  # 2001: the key expired long before the CLI's clock
+    made = database.run(tenancy.create_key, {"user": "old", "expires_in": "1h"}, long_ago)
+    database.close()
+    code, out, _ = cli(url, "keys", "list")
+    assert code == 0 and f"{made['id']}  user=old" in out and " expired " in out
+    assert "expires 2001-09-09T02:46:40.000Z" in out
