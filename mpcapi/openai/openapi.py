@@ -42,7 +42,8 @@ COMMON_ERRORS = ("408", "500", "503")
 _REASONS = {
     "400": "Invalid JSON, not a JSON object, or a schema violation (`details` lists each field)",
     "401": "Missing, malformed or unknown key (`WWW-Authenticate: Bearer`)",
-    "403": "The surface is closed (no `MPCAPI_ADMIN_KEY` configured) or the key is refused",
+    "403": "The surface is closed (no `MPCAPI_ADMIN_KEY` configured), the key is refused, or "
+    "the model is not in the client key's or its team's list (`model_not_allowed`)",
     "404": "Unknown route or file",
     "405": "Wrong method for the route (`Allow` lists the right ones)",
     "408": "The request's headers and body did not arrive within `MPCAPI_READ_TIMEOUT`",
@@ -312,7 +313,8 @@ class _Describer:
         return [{"clientKey": []}] if self.keys else None
 
     def _client_errors(self) -> list[str]:
-        return ["401"] if self.keys else []
+        # With client keys: 401 (no valid key), 403 (a model outside the key's list).
+        return ["401", "403"] if self.keys else []
 
     def describe(self, endpoint: str, path: str, method: str) -> dict[str, Any]:
         method_of = getattr(self, f"_{endpoint}", None)
