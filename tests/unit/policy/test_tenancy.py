@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -155,7 +156,9 @@ async def test_key_lifecycle_through_the_admin_api(setup: Tenancy) -> None:
     assert (await setup.chat(secret))[0] == 200
     status, shown = await setup.admin("GET", f"/admin/keys/{created['id']}")
     assert status == 200 and "secret" not in shown and secret not in json.dumps(shown)
-    assert shown["spend_usd"] > 0 or shown["spend_usd"] == 0  # the mock answer may cost 0
+    # The chat's cost (3 + 1 tokens at the price table's rate), stored before it is read.
+    assert 0 < shown["spend_usd"] < 0.001
+    assert shown["budget_remaining_usd"] == pytest.approx(5 - shown["spend_usd"])
 
     status, changed = await setup.admin(
         "PATCH", f"/admin/keys/{created['id']}", {"rpm": None, "models": None, "metadata": {}}
@@ -309,6 +312,22 @@ async def test_bad_rotation_and_team_inputs_are_400(setup: Tenancy) -> None:
             "POST", f"/admin/keys/{key['id']}/rotate", {"grace_seconds": grace}
         )
         assert status == 400 and document["error"]["param"] == "grace_seconds"
+    for body, field in [
+        ({"rpm": -1}, "rpm"),
+        ({"expires_at": "2020-01-01T00:00:00Z"}, "expires_at"),
+        ({"team_id": "team_x"}, "team_id"),
+        ({"owner": "x"}, "owner"),
+        ({"user": ""}, "user"),
+        ({"models": "*"}, "models"),
+    ]:
+        status, document = await setup.admin("PATCH", f"/admin/keys/{key['id']}", body)
+        assert status == 400 and document["error"]["param"] == field, (body, document)
+        assert field in document["message"]
+    _, unchanged = await setup.admin("GET", f"/admin/keys/{key['id']}")
+    assert (unchanged["rpm"], unchanged["user"], unchanged["models"]) == (None, "erin", None)
+    _, team = await setup.admin("POST", "/admin/teams", {"name": "patched"})
+    status, document = await setup.admin("PATCH", f"/admin/teams/{team['id']}", {"rpm": "x"})
+    assert status == 400 and document["error"]["param"] == "rpm"
     for body, field in [
         ({}, "name"),
         ({"name": " "}, "name"),
@@ -503,6 +522,22 @@ async def test_the_team_rate_limit_applies_on_top_of_the_keys(setup: Tenancy) ->
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_team_tokens_limit_counts_every_keys_tokens(setup: Tenancy) -> None:
+    _, team = await setup.admin("POST", "/admin/teams", {"name": "tokens", "tpm": 5})
+    one, two = [
+        (await setup.admin("POST", "/admin/keys", {"user": u, "team_id": team["id"]}))[1]
+        for u in ("a", "b")
+    ]
+    assert (await setup.chat(one["secret"]))[0] == 200  # 4 tokens (3 + 1)
+    assert (await setup.chat(two["secret"]))[0] == 200  # 8: the window is full now
+    code, document, _ = await setup.chat(one["secret"])
+    assert code == 429
+    assert "team tokens's rate limit of 5 tokens per minute" in document["message"]
+    setup.clock.advance(60)
+    assert (await setup.chat(two["secret"]))[0] == 200
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_period_budget_resets_at_the_period_boundary(setup: Tenancy) -> None:
     _, key = await setup.admin(
         "POST", "/admin/keys", {"user": "hal", "budget_usd": 1, "budget_period": "day"}
@@ -609,7 +644,8 @@ async def test_the_cli_and_the_api_agree(setup: Tenancy) -> None:
     assert by_api["team_id"] == team["id"] and by_api["metadata"] == {"a": 1}
     assert by_api["budget_period"] == "month" and by_api["budget_usd"] == 2
     # The CLI's clock is the real one; the expiry is 30 days from when it ran.
-    assert by_api["expires_at"] > "2026"
+    expires = datetime.fromisoformat(by_api["expires_at"]).timestamp()
+    assert abs(expires - (time.time() + 30 * DAY)) < 60
     _, team_by_api = await setup.admin("GET", f"/admin/teams/{team['id']}")
     code, out, _ = cli(url, "teams", "show", team["id"])
     assert code == 0 and without_clock(json.loads(out)) == without_clock(team_by_api)
