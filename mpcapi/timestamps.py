@@ -7,6 +7,7 @@ made once per second.
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 
 
@@ -25,3 +26,13 @@ class _IsoMillis:
 
 
 iso_millis = _IsoMillis()
+
+
+@functools.lru_cache(maxsize=4096)
+def epoch_of(text: str) -> float:
+    """Stored-time text (or any ISO-8601 time with an offset) as epoch seconds; a time
+    without an offset is UTC. Cached: the daemon compares the same expiry on every call."""
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()

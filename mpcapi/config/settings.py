@@ -305,14 +305,16 @@ SETTINGS: tuple[Setting, ...] = (
         ("MPCAPI_DATABASE_URL",),
         "sqlite:///mpcapi.db",
         _database_url,
-        "client keys and usage: sqlite:///<path> (relative: working directory) or postgresql://",
+        "client keys, teams and usage: sqlite:///<path> (relative: working directory) or "
+        "postgresql://",
     ),
     Setting(
         "admin_key",
         ("MPCAPI_ADMIN_KEY",),
         "",
         _text,
-        "key of the admin surfaces (usage, metrics, dashboard); empty: they are closed",
+        "key of the admin surfaces (usage, metrics, dashboard, /admin/keys, /admin/teams); "
+        "empty: they are closed",
         secret=True,
     ),
     Setting(

@@ -44,6 +44,7 @@ from mpcapi.errors import (
     with_length,
 )
 from mpcapi.exchange import ExchangeObserver
+from mpcapi.http.adminapi import AdminApi, add_routes
 from mpcapi.http.forwarding import Forwarding
 from mpcapi.http.headers import CorsPolicy, ResponseHeaders
 from mpcapi.http.requestlog import RequestLogging, exchange_of
@@ -99,6 +100,7 @@ class Gateway:
         ledger: UsageLedger | None = None,
         websockets: Callable[[], WebSocketEndpoint] | None = None,
         trace_of: Callable[[IRequest], TraceContext] | None = None,
+        admin_api: AdminApi | None = None,
     ) -> None:
         self.live = live
         self.clock = clock
@@ -109,6 +111,7 @@ class Gateway:
         self.ledger = ledger  # the usage ledger (see mpcapi.ledger); None: off
         self._make_websockets = websockets
         self.trace_of = trace_of  # tracing on: a request's trace context (see mpcapi.tracing)
+        self.admin_api = admin_api  # the /admin routes: keys and teams (see http.adminapi)
         self.dashboard_assets = load_assets()
         self._openapi: tuple[Settings, bytes] | None = None
 
@@ -299,3 +302,13 @@ for _route in ROUTES:
         _urls = [prefix + _route.path for prefix in _route.prefixes]
     for _url in _urls:
         Gateway.app.route(_url, methods=[_route.method], endpoint=_route.name)(_serve)
+
+
+def _admin_api(gateway: Gateway) -> AdminApi:
+    if gateway.admin_api is None:
+        raise not_found("the admin API is not served here")
+    return gateway.admin_api
+
+
+# The admin API's routes: keys and teams (see mpcapi.http.adminapi).
+add_routes(Gateway.app, _admin_api)

@@ -100,6 +100,9 @@ class Forwarding:
                 call.path += "?" + query.decode("latin-1")
             call.fixed = False
         if route.body == "none":
+            if arguments and "model_id" in arguments:  # GET /models/{id}: a hidden one is 403
+                exchange.model = arguments["model_id"]
+                self.admission.check_model(exchange, exchange.model)
             return await self._forward(request, call, None)
         if route.body == "multipart":
             return await self._forward(request, call, self._upload(request, call))
@@ -107,6 +110,8 @@ class Forwarding:
         document = self.validator.validate(route.schema or route.name, body)
         model = document.get("model")
         exchange.model = model if isinstance(model, str) else None
+        if exchange.model is not None:
+            self.admission.check_model(exchange, exchange.model)  # 403 outside the key's models
         exchange.max_tokens = document.get("max_tokens")
         exchange.temperature = document.get("temperature")
         if self.keep_bodies:
@@ -168,6 +173,8 @@ class Forwarding:
                 raise bad_request(f"the multipart field {field!r} is required", param=field)
         model = form.fields.get("model")
         call.exchange.model = model or None
+        if model:
+            self.admission.check_model(call.exchange, model)
         call.content_type = content_type
         content.seek(0)
         return FileBodyProducer(content)
@@ -186,6 +193,8 @@ class Forwarding:
             exchange.usage = route.usage(answer, costs[0] if costs else None)
         if code == 200 and call.owner is not None and route.stored is not None:
             answer = await self._ownership_of_answer(route.stored, answer, call.owner)
+        if code == 200 and route.path == "/models":  # only the models the key may call
+            answer = self.admission.visible_models(exchange, answer)
         if self.keep_bodies:
             exchange.response_body = answer
         return _relay(request, code, response, answer)

@@ -18,7 +18,12 @@
   is not in the table costs 0 and is flagged ``unknown_model``. ``cost_source`` says which.
 - Budgets: ``check_budget`` refuses (429) a key whose spend (the sum of its ledger rows,
   shared by every instance through the database, read at most every ``SPEND_FRESH_FOR``
-  seconds, plus the rows of this process not stored yet) has reached its ``budget_usd``.
+  seconds, plus the rows of this process not stored yet) has reached its ``budget_usd``, and
+  so for the key's team (its rows carry ``team_id``). With a ``budget_period`` (``day``,
+  ``week``, ``month``: UTC calendar boundaries, see ``ledger.periods``) the spend counts from
+  the period's start, on the ledger's clock; the 429 says when the budget resets. Rows of
+  this process not stored yet count in the period they are read in (for a second or so past
+  a boundary, at most).
 - ``report``: requests, errors, tokens and cost per model, user, key or day (for
   ``GET /api/usage`` and ``mpcapi-admin usage``; the SQL is ``mpcapi.storage.usage``).
 """
@@ -37,12 +42,13 @@ from twisted.logger import Logger
 
 from mpcapi.errors import ApiError, bad_request
 from mpcapi.ledger.bodies import stored_body
+from mpcapi.ledger.periods import PeriodBounds, Periods
 from mpcapi.ledger.prices import PriceTable, cost_of
 from mpcapi.ledger.report import summary_document, summary_query
 from mpcapi.ledger.rowwriter import RowWriter
 from mpcapi.ledger.spool import append_lines, read_lines, refused_path_of, remove_file
 from mpcapi.storage.database import Database
-from mpcapi.storage.usage import spend_of_key, usage_summary
+from mpcapi.storage.usage import spend_of, usage_summary
 from mpcapi.storage.usagerows import insert_rows
 from mpcapi.timestamps import iso_millis
 
@@ -64,6 +70,7 @@ BUDGET_WARNING = 0.8  # share of a budget that logs a warning (once per key and 
 # --- the ledger ---------------------------------------------------------------------------------
 
 InThread = Callable[..., "defer.Deferred[Any]"]
+_ADJECTIVES = {"day": "daily", "week": "weekly", "month": "monthly"}
 
 
 @attrs.define
@@ -71,6 +78,7 @@ class _Spend:
     value: float
     fetched_at: float
     flushed_marker: float
+    since: str | None  # the period's start the value counts from (None: all time)
 
 
 class UsageLedger(Service):
@@ -122,13 +130,15 @@ class UsageLedger(Service):
         self._spool_writing = False
         self.spooled = os.path.exists(spool_path)  # rows of an earlier run wait there
         self._spool_failed = False
-        # Budgets: this process's rows not in the database yet, per key, and the spend read.
-        self._unstored: dict[str, tuple[str, float]] = {}  # request id -> (key id, cost)
+        # Budgets: this process's rows not in the database yet, per account ("key:<id>",
+        # "team:<id>"), and the spend read.
+        self._unstored: dict[str, tuple[tuple[str, ...], float]] = {}  # id -> accounts, cost
         self._unstored_by_key: dict[str, float] = {}
         self._stored_since: dict[str, float] = {}  # stored by us since the first read
         self._spend: dict[str, _Spend] = {}
-        self._reading: dict[str, list[defer.Deferred[float]]] = {}
-        self._warned: set[str] = set()
+        self._reading: dict[tuple[str, str | None], list[defer.Deferred[float]]] = {}
+        self._warned: set[tuple[str, str | None]] = set()
+        self._periods = Periods()
 
     # The request side
 
@@ -141,8 +151,11 @@ class UsageLedger(Service):
         row = self.row_of(exchange)
         key_id = row["key_id"]
         if key_id and row["cost_usd"]:
-            self._unstored[row["request_id"]] = (key_id, row["cost_usd"])
-            self._unstored_by_key[key_id] = self._unstored_by_key.get(key_id, 0.0) + row["cost_usd"]
+            cost = row["cost_usd"]
+            accounts = ("key:" + key_id,) + (("team:" + row["team_id"],) if row["team_id"] else ())
+            self._unstored[row["request_id"]] = (accounts, cost)
+            for account in accounts:
+                self._unstored_by_key[account] = self._unstored_by_key.get(account, 0.0) + cost
         if len(self.queue) >= self.max_queue:
             self._spool([row])
             return
@@ -181,85 +194,126 @@ class UsageLedger(Service):
             "cache_write_tokens": usage.cache_write_tokens if usage is not None else 0,
             "units": usage.units if usage is not None else None,
             "unit": usage.unit if usage is not None else None,
+            "team_id": exchange.key.team_id if exchange.key is not None else None,
         }
 
     # Budgets
 
     async def check_budget(self, key: ClientKey | None) -> None:
-        """Refuse (429) a key whose spend has reached its budget; warn once at 80 %."""
-        if key is None or key.budget_usd is None:
+        """Refuse (429) a key whose spend, or whose team's, has reached its budget in the
+        current period; warn once per period at 80 %."""
+        if key is None:
             return
-        spend = await self.spend(key.id)
-        budget = key.budget_usd
+        if key.budget_usd is not None:
+            await self._check(
+                "key:" + key.id, f"client key {key.id}", key.budget_usd, key.budget_period, key.user
+            )
+        team = key.team
+        if team is not None and team.budget_usd is not None:
+            await self._check(
+                "team:" + team.id,
+                f"team {team.id} ({team.name})",
+                team.budget_usd,
+                team.budget_period,
+                key.user,
+            )
+
+    def bounds(self, period: str | None) -> PeriodBounds | None:
+        """The current period ``period`` on the ledger's clock; None for no period."""
+        return None if period is None else self._periods.bounds(period, self.clock.seconds())
+
+    async def _check(
+        self, account: str, whose: str, budget: float, period: str | None, user: str
+    ) -> None:
+        bounds = self.bounds(period)
+        since = bounds.since if bounds is not None else None
+        spend = await self.spend(account, since)
         if spend >= budget:
+            headers: dict[str, str] = {}
+            resets = ""
+            if bounds is not None:
+                wait = max(1, int(bounds.end - self.clock.seconds() + 0.999))
+                headers["Retry-After"] = str(wait)
+                resets = f"; it resets at {bounds.resets_at} ({_ADJECTIVES[bounds.period]} budget)"
             raise ApiError(
                 429,
                 "Too Many Requests",
-                f"the budget of client key {key.id} is spent: ${spend:.6f} of ${budget:g} used",
+                f"the budget of {whose} is spent: ${spend:.6f} of ${budget:g} used{resets}",
                 code="insufficient_quota",
                 kind="insufficient_quota",  # OpenAI's type for a spent quota
+                headers=headers,
             )
-        if spend >= BUDGET_WARNING * budget and key.id not in self._warned:
-            self._warned.add(key.id)
+        if spend >= BUDGET_WARNING * budget and (account, since) not in self._warned:
+            self._warned.add((account, since))
             log.warn(
-                "client key {key_id} (user {user}) has spent {spend:.6f} of its budget of "
-                "{budget} USD",
-                key_id=key.id,
-                user=key.user,
+                "{whose} (user {user}) has spent {spend:.6f} of its budget of {budget} USD",
+                whose=whose,
+                user=user,
                 spend=spend,
                 budget=budget,
             )
 
-    async def spend(self, key_id: str) -> float:
-        """The key's spend: the database's sum (read at most every ``SPEND_FRESH_FOR``
-        seconds; stale reads refresh in the background) plus this process's rows not in it."""
+    async def spend(self, account: str, since: str | None = None) -> float:
+        """An account's spend (``key:<id>``, ``team:<id>``; a bare id is a key) from
+        ``since``: the database's sum (read at most every ``SPEND_FRESH_FOR`` seconds; stale
+        reads refresh in the background) plus this process's rows not in it."""
+        if ":" not in account:
+            account = "key:" + account
         now = self.clock.seconds()
-        known = self._spend.get(key_id)
+        known = self._spend.get(account)
+        if known is not None and known.since != since:  # a new period: read it now
+            known = None
         if known is None or now - known.fetched_at >= SPEND_USABLE_FOR:
-            await self._read_spend(key_id)
-        elif now - known.fetched_at >= SPEND_FRESH_FOR and key_id not in self._reading:
-            self._read_spend(key_id).addErrback(lambda _: None)
-        return self._local_spend(key_id)
+            await self._read_spend(account, since)
+        elif now - known.fetched_at >= SPEND_FRESH_FOR and (account, since) not in self._reading:
+            self._read_spend(account, since).addErrback(lambda _: None)
+        return self._local_spend(account, since)
 
-    def _local_spend(self, key_id: str) -> float:
-        known = self._spend.get(key_id)
+    def _local_spend(self, account: str, since: str | None) -> float:
+        known = self._spend.get(account)
+        if known is not None and known.since != since:
+            known = None
         stored = known.value if known is not None else 0.0
-        since = self._stored_since.get(key_id, 0.0) - (known.flushed_marker if known else 0.0)
-        return stored + since + self._unstored_by_key.get(key_id, 0.0)
+        since_read = self._stored_since.get(account, 0.0) - (known.flushed_marker if known else 0.0)
+        return stored + since_read + self._unstored_by_key.get(account, 0.0)
 
-    def _read_spend(self, key_id: str) -> defer.Deferred[float]:
+    def _read_spend(self, account: str, since: str | None) -> defer.Deferred[float]:
         waiter: defer.Deferred[float] = defer.Deferred()
-        if key_id in self._reading:
-            self._reading[key_id].append(waiter)
+        reading = (account, since)
+        if reading in self._reading:
+            self._reading[reading].append(waiter)
             return waiter
-        self._reading[key_id] = [waiter]
-        marker = self._stored_since.get(key_id, 0.0)
-        query = defer.ensureDeferred(self.database.run(spend_of_key, key_id))
-        query.addBoth(self._spend_read, key_id, marker)
+        self._reading[reading] = [waiter]
+        marker = self._stored_since.get(account, 0.0)
+        query = defer.ensureDeferred(self.database.run(spend_of, account, since))
+        query.addBoth(self._spend_read, account, since, marker)
         return waiter
 
-    def _spend_read(self, result: Any, key_id: str, marker: float) -> None:
-        waiters = self._reading.pop(key_id, [])
+    def _spend_read(self, result: Any, account: str, since: str | None, marker: float) -> None:
+        waiters = self._reading.pop((account, since), [])
         if isinstance(result, float):
-            self._spend[key_id] = _Spend(result, self.clock.seconds(), marker)
+            self._spend[account] = _Spend(result, self.clock.seconds(), marker, since)
         else:  # the database is down: keep what we knew (requests are not refused for it)
             self._database_down(result.value)
-            known = self._spend.get(key_id)
+            known = self._spend.get(account)
             if known is not None:
                 known.fetched_at = self.clock.seconds() - SPEND_FRESH_FOR
         for waiter in waiters:
-            waiter.callback(self._local_spend(key_id))
+            waiter.callback(self._local_spend(account, since))
 
     def _stored(self, rows: Sequence[Mapping[str, Any]]) -> None:
         for row in rows:
             entry = self._unstored.pop(row["request_id"], None)
             if entry is None:
                 continue
-            key_id, cost = entry
-            self._unstored_by_key[key_id] = self._unstored_by_key.get(key_id, 0.0) - cost
-            if self._unstored_by_key[key_id] <= 1e-12:
-                del self._unstored_by_key[key_id]
-            self._stored_since[key_id] = self._stored_since.get(key_id, 0.0) + cost
+            accounts, cost = entry
+            for account in accounts:
+                left = self._unstored_by_key.get(account, 0.0) - cost
+                if left <= 1e-12:
+                    self._unstored_by_key.pop(account, None)
+                else:
+                    self._unstored_by_key[account] = left
+                self._stored_since[account] = self._stored_since.get(account, 0.0) + cost
 
     # Flushing
 

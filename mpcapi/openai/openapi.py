@@ -42,11 +42,12 @@ COMMON_ERRORS = ("408", "500", "503")
 _REASONS = {
     "400": "Invalid JSON, not a JSON object, or a schema violation (`details` lists each field)",
     "401": "Missing, malformed or unknown key (`WWW-Authenticate: Bearer`)",
-    "403": "The surface is closed (no `MPCAPI_ADMIN_KEY` configured) or the key is refused",
+    "403": "The surface is closed (no `MPCAPI_ADMIN_KEY` configured), the key is refused, or "
+    "the model is not in the client key's or its team's list (`model_not_allowed`)",
     "404": "Unknown route or file",
     "405": "Wrong method for the route (`Allow` lists the right ones)",
     "408": "The request's headers and body did not arrive within `MPCAPI_READ_TIMEOUT`",
-    "409": "Conflict reported by LiteLLM",
+    "409": "Conflict reported by LiteLLM, or a duplicate alias or name (admin API)",
     "413": "Request body over `MPCAPI_MAX_BODY_BYTES`",
     "422": "LiteLLM could not process the request",
     "426": "Plain HTTP request on the WebSocket route",
@@ -312,13 +313,16 @@ class _Describer:
         return [{"clientKey": []}] if self.keys else None
 
     def _client_errors(self) -> list[str]:
-        return ["401"] if self.keys else []
+        # With client keys: 401 (no valid key), 403 (a model outside the key's list).
+        return ["401", "403"] if self.keys else []
 
     def describe(self, endpoint: str, path: str, method: str) -> dict[str, Any]:
         method_of = getattr(self, f"_{endpoint}", None)
         route = BY_NAME.get(endpoint)
         operation: dict[str, Any]
-        if method_of is not None:
+        if endpoint in _TENANCY_OPERATIONS:
+            operation = self._tenancy(endpoint, path)
+        elif method_of is not None:
             operation = method_of(path)
         elif route is not None:
             operation = self._forwarded(route, path)
@@ -514,6 +518,35 @@ class _Describer:
             {"200": _success("Usage", _json_content(_ANY_OBJECT))},
         )
 
+    def _tenancy(self, endpoint: str, path: str) -> dict[str, Any]:
+        """An operation of the admin API (``mpcapi.http.adminapi``)."""
+        summary, description, status, body, errors = _TENANCY_OPERATIONS[endpoint]
+        answer = _TEAM_SCHEMA if "team" in endpoint else _KEY_SCHEMA
+        if endpoint.startswith("admin_list_"):
+            answer = {"type": "object", "properties": {"data": {"type": "array", "items": answer}}}
+        names = re.findall(r"{(\w+)}", path)
+        parameters = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in names
+        ]
+        if endpoint == "admin_list_keys":
+            parameters += [_query("user"), _query("team_id")]
+        if endpoint.startswith("admin_list_"):
+            parameters += [_query("limit", "integer"), _query("offset", "integer")]
+        request_body = None
+        if body is not None:
+            request_body = {"required": body is not _ROTATE_SCHEMA, **_json_content(body)}
+        return _operation(
+            summary,
+            description,
+            {status: _success(summary, _json_content(answer))},
+            ["400", "401", "403", *errors],
+            tags=["admin"],
+            security=[{"adminKey": []}],
+            request_body=request_body,
+            parameters=parameters,
+        )
+
     def _dashboard_redirect(self, path: str) -> dict[str, Any]:
         return _operation(
             "Dashboard",
@@ -554,6 +587,118 @@ class _Describer:
 # --- the routes of the app ---------------------------------------------------------------------
 
 _VARIABLE = re.compile(r"<(?:(?P<converter>\w+)(?:\((?P<args>[^)]*)\))?:)?(?P<name>\w+)>")
+
+
+# --- the admin API (keys and teams) -------------------------------------------------------------
+
+_NULLABLE_COUNT = {"type": ["integer", "null"], "minimum": 0}
+_NULLABLE_DOLLARS = {"type": ["number", "null"], "minimum": 0}
+_PERIOD = {"enum": ["day", "week", "month", None]}
+_MODELS = {
+    "type": ["array", "null"],
+    "items": {"type": "string", "minLength": 1},
+    "description": "Exact names, `prefix/*` patterns or `*`; null: every model",
+}
+_LIMIT_FIELDS: dict[str, Any] = {
+    "rpm": _NULLABLE_COUNT,
+    "tpm": _NULLABLE_COUNT,
+    "budget_usd": _NULLABLE_DOLLARS,
+    "budget_period": _PERIOD,
+    "models": _MODELS,
+    "metadata": {"type": ["object", "null"]},
+}
+_KEY_FIELDS: dict[str, Any] = {
+    "user": {"type": "string", "minLength": 1},
+    "alias": {"type": ["string", "null"], "pattern": "^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$"},
+    "team_id": {"type": ["string", "null"]},
+    **_LIMIT_FIELDS,
+    "expires_at": {"type": ["string", "null"], "description": "ISO-8601 with an offset"},
+    "expires_in": {
+        "type": ["string", "number", "null"],
+        "description": "`30d`, `12h`, `90m`, `3600s` or seconds",
+    },
+}
+_KEY_BODY: dict[str, Any] = {
+    "type": "object",
+    "properties": _KEY_FIELDS,
+    "additionalProperties": False,
+}
+_TEAM_BODY: dict[str, Any] = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "minLength": 1}, **_LIMIT_FIELDS},
+    "additionalProperties": False,
+}
+_ROTATE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"grace_seconds": {"type": "number", "minimum": 0, "maximum": 2592000}},
+    "additionalProperties": False,
+}
+_SPEND: dict[str, Any] = {
+    "spend_usd": {"type": "number"},
+    "budget_remaining_usd": {"type": ["number", "null"]},
+    "budget_period_start": {"type": ["string", "null"]},
+    "budget_resets_at": {"type": ["string", "null"]},
+}
+_KEY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["object", "id", "user", "state", "spend_usd"],
+    "properties": {
+        "object": {"const": "client_key"},
+        "id": {"type": "string"},
+        "state": {"enum": ["active", "revoked", "expired"]},
+        "secret": {"type": "string", "description": "Only when created or rotated"},
+        "created_at": {"type": "string"},
+        "revoked_at": {"type": ["string", "null"]},
+        "previous_secret_valid_until": {"type": ["string", "null"]},
+        **_KEY_FIELDS,
+        **_SPEND,
+    },
+}
+_TEAM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["object", "id", "name"],
+    "properties": {
+        "object": {"const": "team"},
+        "id": {"type": "string"},
+        "name": {"type": "string"},
+        "active_keys": {"type": "integer"},
+        **_SPEND,
+    },
+}
+# endpoint -> summary, description, success status, request body, further errors
+_TENANCY_OPERATIONS: dict[str, tuple[str, str, str, dict[str, Any] | None, list[str]]] = {
+    "admin_create_key": (
+        "Create a client key",
+        "The answer holds the key's `secret`, shown this once.",
+        "201",
+        _KEY_BODY,
+        ["409"],
+    ),
+    "admin_list_keys": ("List client keys", "Oldest first; `has_more`, `next_offset`.", "200",
+                        None, []),
+    "admin_get_key": ("A client key", "With its current period's spend and reset time.", "200",
+                      None, ["404"]),
+    "admin_update_key": ("Change a client key", "The fields given change; null clears one.",
+                         "200", _KEY_BODY, ["404", "409"]),
+    "admin_revoke_key": ("Revoke a client key", "Refused by every daemon within 5 seconds.",
+                         "200", None, ["404"]),
+    "admin_rotate_key": ("Rotate a client key's secret",
+                         "A new `secret`; the old one works `grace_seconds` more (default 0).",
+                         "200", _ROTATE_SCHEMA, ["404", "409"]),
+    "admin_create_team": ("Create a team", "Its limits apply on top of its keys' own.", "201",
+                          _TEAM_BODY, ["409"]),
+    "admin_list_teams": ("List teams", "Oldest first.", "200", None, []),
+    "admin_get_team": ("A team", "With its current period's spend and reset time.", "200", None,
+                       ["404"]),
+    "admin_update_team": ("Change a team", "The fields given change; null clears one.", "200",
+                          _TEAM_BODY, ["404", "409"]),
+    "admin_delete_team": ("Delete a team", "Only a team without active keys (409 otherwise).",
+                          "200", None, ["404", "409"]),
+}  # fmt: skip
+
+
+def _query(name: str, kind: str = "string") -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": {"type": kind}}
 
 
 def expand_rule(rule: str) -> list[str]:
@@ -733,7 +878,11 @@ def build_document(url_map: Any, settings: Settings) -> dict[str, Any]:
         "tags": [
             {"name": "openai", "description": "The OpenAI API, forwarded to LiteLLM"},
             {"name": "health", "description": "Probes for people and orchestrators"},
-            {"name": "admin", "description": "Metrics, statistics and the dashboard"},
+            {
+                "name": "admin",
+                "description": "Metrics, statistics, the dashboard, and the admin API for "
+                "client keys and teams",
+            },
             {"name": "other", "description": "Further routes"},
         ],
         "paths": dict(sorted(paths.items())),

@@ -12,8 +12,11 @@ logged.
   cache so that the database stays off the hot path: a known key is trusted for
   ``FRESH_FOR`` seconds, then served while it is re-read in the background up to
   ``USABLE_FOR`` seconds, so a revoked key is refused within ``USABLE_FOR`` seconds (plus
-  one query). An unknown key is remembered for ``UNKNOWN_FOR`` seconds, so that a flood of
-  bad keys costs one query per key per second, and a new key works at once.
+  one query); so are changes to its team, read with it. An unknown key is remembered for
+  ``UNKNOWN_FOR`` seconds, so that a flood of bad keys costs one query per key per second,
+  and a new key works at once.
+  A key past its ``expires_at`` (on the authenticator's clock) is refused at once, and so is
+  the previous secret of a rotated key once its grace period is over.
 - ``require_admin``: the guard of the admin surfaces (usage, metrics, dashboard).
 """
 
@@ -35,6 +38,7 @@ from mpcapi.config.settings import Settings
 from mpcapi.errors import ApiError
 from mpcapi.storage.database import Database
 from mpcapi.storage.keys import ClientKey, hash_key, key_by_hash
+from mpcapi.timestamps import epoch_of
 
 log = Logger(namespace="mpcapi.keys")
 
@@ -50,13 +54,13 @@ MAX_CACHED = 10_000  # entries in each cache
 # --- the daemon's check -------------------------------------------------------------------------
 
 
-def unauthorized(message: str) -> ApiError:
+def unauthorized(message: str, code: str = "invalid_api_key") -> ApiError:
     return ApiError(
         401,
         "Unauthorized",
         message,
         headers={"WWW-Authenticate": "Bearer"},
-        code="invalid_api_key",
+        code=code,
     )
 
 
@@ -95,17 +99,43 @@ class KeyAuthenticator:
             raise unauthorized("invalid client key")
         key_hash = hash_key(token)
         key = await self._lookup(key_hash)
-        # The row was found by its hash; compare anyway, in constant time.
-        if key is None or not hmac.compare_digest(key.key_hash, key_hash):
+        if key is None:
             raise unauthorized("invalid client key")
+        # The row was found by its hash; compare anyway, in constant time.
+        if not hmac.compare_digest(key.key_hash, key_hash):
+            # The previous secret of a rotated key, which works for its grace period only.
+            previous = key.previous_hash
+            if previous is None or not hmac.compare_digest(previous, key_hash):
+                raise unauthorized("invalid client key")
+            until = key.previous_until
+            if until is None or epoch_of(until) <= self.clock.seconds():
+                raise unauthorized(
+                    f"client key {key.id} has been rotated: this secret is no longer valid",
+                    code="key_rotated",
+                )
         if key.revoked:
             raise unauthorized(f"client key {key.id} has been revoked")
+        expires = key.expires_at
+        if expires is not None and epoch_of(expires) <= self.clock.seconds():
+            raise unauthorized(f"client key {key.id} expired at {expires}", code="key_expired")
         return key
 
     def forget(self) -> None:
         """Drop every cached key (a configuration reload): the next use reads the database."""
         self._known.clear()
         self._unknown.clear()
+
+    def forget_key(self, key_id: str) -> None:
+        """Drop one key from the cache (changed through this process's admin API): this
+        process sees the change at once, the others within ``USABLE_FOR`` seconds."""
+        for key_hash in [h for h, c in self._known.items() if c.key.id == key_id]:
+            del self._known[key_hash]
+        self._unknown.clear()  # a rotated key's new secret may have been tried already
+
+    def forget_team(self, team_id: str) -> None:
+        """Drop the cached keys of one team (its limits, budget or models changed)."""
+        for key_hash in [h for h, c in self._known.items() if c.key.team_id == team_id]:
+            del self._known[key_hash]
 
     async def _lookup(self, key_hash: str) -> ClientKey | None:
         now = self.clock.seconds()

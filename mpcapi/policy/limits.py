@@ -1,4 +1,5 @@
-"""Rate limits: requests per minute and tokens per minute, per client key (or address).
+"""Rate limits: requests per minute and tokens per minute, per client key (or address), and
+per team for keys in a team with limits of its own (a request must pass both).
 
 Each limited identity has two fixed one-minute windows, one for requests and one for
 tokens, each starting with the first request (or token) counted in it. A request is
@@ -371,11 +372,18 @@ class RateLimiter:
         Returns the ``x-ratelimit-*`` headers; raises a 429 ``ApiError`` (carrying them too)
         when over a limit."""
         rpm, tpm = self.limits_of(key)
-        if not rpm and not tpm:
-            return {}
-        return await self._decide(identity_of(key.id if key else None, client), rpm, tpm)
+        headers: dict[str, str] = {}
+        if rpm or tpm:
+            headers = await self._decide(identity_of(key.id if key else None, client), rpm, tpm)
+        team = key.team if key is not None else None
+        if team is not None and (team.rpm or team.tpm):
+            # The team's windows too; the headers describe the key's.
+            await self._decide(
+                "team:" + team.id, team.rpm or 0, team.tpm or 0, f"team {team.name}'s "
+            )
+        return headers
 
-    async def _decide(self, identity: str, rpm: int, tpm: int) -> dict[str, str]:
+    async def _decide(self, identity: str, rpm: int, tpm: int, whose: str = "") -> dict[str, str]:
         if tpm and tpm != self.default_tpm:
             self._own_tpm.add(identity)
         try:
@@ -386,17 +394,19 @@ class RateLimiter:
         if counts.allowed:
             return headers
         self.refused += 1
-        raise self._refusal(rpm, tpm, counts, headers)  # its headers carry the trio too
+        raise self._refusal(rpm, tpm, counts, headers, whose)  # its headers carry the trio too
 
     @staticmethod
-    def _refusal(rpm: int, tpm: int, counts: Counts, headers: dict[str, str]) -> ApiError:
+    def _refusal(
+        rpm: int, tpm: int, counts: Counts, headers: dict[str, str], whose: str = ""
+    ) -> ApiError:
         waits = []
         if rpm and counts.requests >= rpm:
             waits.append((counts.requests_reset, f"{rpm} requests per minute"))
         if tpm and counts.tokens >= tpm:
             waits.append((counts.tokens_reset, f"{tpm} tokens per minute"))
         wait, what = max(waits)
-        message = f"rate limit of {what} reached; retry in {duration_text(wait)}"
+        message = f"{whose}rate limit of {what} reached; retry in {duration_text(wait)}"
         return ApiError(
             429,
             "Too Many Requests",
@@ -418,9 +428,12 @@ class RateLimiter:
         if tokens <= 0:
             return
         identity = identity_of(exchange.key_id, exchange.client)
-        if not self.default_tpm and identity not in self._own_tpm:
-            return
+        team = exchange.key.team if exchange.key is not None else None
         try:
+            if team is not None and team.tpm:
+                self.windows.add_tokens("team:" + team.id, tokens)
+            if not self.default_tpm and identity not in self._own_tpm:
+                return
             self.windows.add_tokens(identity, tokens)
         except Exception:
             log.failure("counting tokens failed")

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from mpcapi.config.live import LiveSettings
 from mpcapi.config.settings import Settings
 from mpcapi.exchange import ExchangeObserver
+from mpcapi.http.adminapi import AdminApi
 from mpcapi.http.app import Gateway
 from mpcapi.http.forwarding import Forwarding
 from mpcapi.http.site import ConnectionCap, GatewaySite
@@ -42,6 +43,7 @@ from mpcapi.runtime.lifecycle import Drain
 from mpcapi.runtime.reload import Loader, Reloader, ReloadOnSighup
 from mpcapi.runtime.service import GatewayService
 from mpcapi.runtime.workers import AdoptedPort, WorkerPool, listening_socket, worker_argv
+from mpcapi.storage.database import Database
 from mpcapi.storage.redis import RedisClient
 from mpcapi.upstream.balancer import HealthProbe, split_urls
 from mpcapi.upstream.client import LiteLLMClient
@@ -160,6 +162,13 @@ def build_gateway(
             ownership=ownership,
         )
 
+    admin_api = AdminApi(
+        live,
+        clock,
+        _database_opener(settings, reactor, keys, ledger),
+        keys,
+        ledger,
+    )
     gateway = Gateway(
         live,
         clock,
@@ -170,6 +179,7 @@ def build_gateway(
         ledger,
         websockets,
         trace_of=tracing.context_of if tracing is not None else None,
+        admin_api=admin_api,
     )
     # What a reload changes beyond the values these parts read from `live` when they need them.
     live.subscribe(lambda new: upstream.balancer.replace(split_urls(new.litellm_base_url)))
@@ -190,6 +200,18 @@ def build_gateway(
         gateway,
         tracing,
     )
+
+
+def _database_opener(
+    settings: Settings, reactor: Any, keys: KeyAuthenticator | None, ledger: UsageLedger | None
+) -> Callable[[], Database]:
+    """The admin API's database: the client keys' (which the ledger shares), else one of
+    its own, opened when first asked for."""
+    if keys is not None:
+        return lambda: keys.database
+    if ledger is not None:
+        return lambda: ledger.database
+    return lambda: Database(settings.database_url, reactor)
 
 
 class _Closing(Service):

@@ -137,6 +137,43 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE usage ADD COLUMN unit TEXT",
         ),
     ),
+    Migration(
+        5,
+        "tenancy",
+        (
+            # Teams: their own limits, budget (with an optional period: day, week, month) and
+            # model list (JSON text; NULL: every model). Names are unique.
+            """CREATE TABLE teams (
+                id TEXT PRIMARY KEY,
+                name TEXT NOT NULL,
+                rpm INTEGER,
+                tpm INTEGER,
+                budget_usd DOUBLE PRECISION,
+                budget_period TEXT,
+                models TEXT,
+                metadata TEXT,
+                created_at TEXT NOT NULL
+            )""",
+            "CREATE UNIQUE INDEX teams_name ON teams (name)",
+            # A key's alias (unique when set), team, model list, expiry, budget period,
+            # metadata (JSON text), and after a rotation with a grace period the hash of its
+            # previous secret and until when that one works.
+            "ALTER TABLE client_keys ADD COLUMN alias TEXT",
+            "ALTER TABLE client_keys ADD COLUMN team_id TEXT",
+            "ALTER TABLE client_keys ADD COLUMN models TEXT",
+            "ALTER TABLE client_keys ADD COLUMN expires_at TEXT",
+            "ALTER TABLE client_keys ADD COLUMN budget_period TEXT",
+            "ALTER TABLE client_keys ADD COLUMN metadata TEXT",
+            "ALTER TABLE client_keys ADD COLUMN previous_hash TEXT",
+            "ALTER TABLE client_keys ADD COLUMN previous_until TEXT",
+            "CREATE UNIQUE INDEX client_keys_alias ON client_keys (alias)",
+            "CREATE INDEX client_keys_previous_hash ON client_keys (previous_hash)",
+            "CREATE INDEX client_keys_team_id ON client_keys (team_id)",
+            # The team of the key of each usage row: a team's spend is its rows' sum.
+            "ALTER TABLE usage ADD COLUMN team_id TEXT",
+            "CREATE INDEX usage_team_id ON usage (team_id, created_at)",
+        ),
+    ),
 )
 
 

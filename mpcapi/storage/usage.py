@@ -8,10 +8,29 @@ from typing import Any
 from mpcapi.storage.database import Cursor
 
 
-def spend_of_key(cursor: Cursor, key_id: str) -> float:
-    row = cursor.execute(
-        "SELECT COALESCE(SUM(cost_usd), 0) FROM usage WHERE key_id = ?", (key_id,)
-    ).fetchone()
+def spend_of_key(cursor: Cursor, key_id: str, since: str | None = None) -> float:
+    """The key's spend, from ``since`` (stored-time text, inclusive) when given."""
+    return _spend(cursor, "key_id", key_id, since)
+
+
+def spend_of_team(cursor: Cursor, team_id: str, since: str | None = None) -> float:
+    """The team's spend (the rows its keys made while in it), from ``since`` when given."""
+    return _spend(cursor, "team_id", team_id, since)
+
+
+def spend_of(cursor: Cursor, account: str, since: str | None = None) -> float:
+    """The spend of an account as the ledger names it: ``key:<id>`` or ``team:<id>``."""
+    kind, _, name = account.partition(":")
+    return _spend(cursor, "team_id" if kind == "team" else "key_id", name, since)
+
+
+def _spend(cursor: Cursor, column: str, value: str, since: str | None) -> float:
+    sql = f"SELECT COALESCE(SUM(cost_usd), 0) FROM usage WHERE {column} = ?"
+    params = [value]
+    if since is not None:
+        sql += " AND created_at >= ?"
+        params.append(since)
+    row = cursor.execute(sql, params).fetchone()
     return float(row[0]) if row is not None else 0.0
 
 

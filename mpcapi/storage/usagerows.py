@@ -57,6 +57,7 @@ COLUMNS = (
     "cache_write_tokens",
     "units",
     "unit",
+    "team_id",
 )
 
 
@@ -66,7 +67,7 @@ def _quoted(column: str) -> str:
 
 # Rows per SQLite INSERT statement, largest first: a batch is cut into these sizes only, so
 # the driver prepares (and keeps) four statements, not one per batch size. 200 rows are
-# 5,000 parameters, under SQLite's limit.
+# 5,200 parameters, under SQLite's limit.
 STATEMENT_SIZES = (200, 50, 10, 1)
 
 

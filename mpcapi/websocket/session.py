@@ -250,6 +250,8 @@ class WebSocketSession:
             for field, kind in route.stored.refers:  # someone else's previous_response_id
                 if isinstance(document.get(field), str):
                     await ownership.check(kind, document[field], owner)
+        if exchange.model is not None:
+            endpoint.admission.check_model(exchange, exchange.model)
         if route.cacheable and await self._replayed(message):
             return
         exchange.upstream_sent_at = self._clock.seconds()
@@ -305,7 +307,7 @@ class WebSocketSession:
             return  # cancelled, or the socket is gone: nobody waits for an answer
         if failure.check(ApiError):
             problem: ApiError = failure.value  # type: ignore[assignment]
-            outcome = {504: "timeout", 401: "refused", 503: "refused"}.get(
+            outcome = {504: "timeout", 401: "refused", 403: "refused", 503: "refused"}.get(
                 problem.status, "upstream_error"
             )
             if problem.status == 429 and message.exchange.upstream_status is None:

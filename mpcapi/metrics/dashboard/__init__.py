@@ -1,6 +1,8 @@
 """The dashboard: static files served from memory by the daemon itself (no build step, no
 internet). The page logs in with the admin key (kept in ``sessionStorage``) and polls
-``GET /api/stats`` with it as a Bearer token; the files themselves are public.
+``GET /api/stats`` with it as a Bearer token; the files themselves are public. The Keys page
+(``keys.html``) lists, creates and revokes client keys and teams through the admin API
+(``/admin/keys``, ``/admin/teams``) with the same key, and shows spend against budget.
 
 ``static/uPlot.*`` is uPlot (MIT licence, ``static/uPlot.LICENSE``), copied from npm's ``uplot``.
 """
@@ -18,6 +20,8 @@ CONTENT_TYPES = {
 ASSET_NAMES = (
     "index.html",
     "dashboard.js",
+    "keys.html",
+    "keys.js",
     "dashboard.css",
     "uPlot.iife.min.js",
     "uPlot.min.css",

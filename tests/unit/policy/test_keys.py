@@ -402,7 +402,9 @@ def test_a_later_migration_applies_alone(db_url: str) -> None:
         current = [m.version for m in MIGRATIONS]
         assert database.migrate() == current
         later = Migration(
-            len(MIGRATIONS) + 1, "ledger", ("CREATE TABLE ledger_test (id INTEGER PRIMARY KEY)",)
+            MIGRATIONS[-1].version + 1,
+            "ledger",
+            ("CREATE TABLE ledger_test (id INTEGER PRIMARY KEY)",),
         )
         connection = database.connection()
         assert apply_migrations(connection, database.dialect, (*MIGRATIONS, later)) == [

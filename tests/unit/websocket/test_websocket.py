@@ -996,3 +996,21 @@ def test_sse_parser_keeps_what_is_unfinished() -> None:
     assert parser.pending
     assert parser.feed(b"\n\r\n") == [SSEEvent("a")]
     assert not parser.pending
+
+
+def test_socket_requests_for_a_model_outside_the_keys_list_are_403() -> None:
+    import attrs
+
+    from tests.support.keys import FakeKeys, client_key
+
+    limited = attrs.evolve(client_key("key_a", "alice"), models=("gpt-4o-mini",))
+    harness = Harness(keys=FakeKeys({"key_a": limited}), auth="keys")
+    harness.fake.routes[("POST", "/chat/completions")] = whole_stream(b"data: [DONE]\n\n")
+    client = harness.open(headers={"Authorization": "Bearer key_a"})
+    harness.request(client, "ok")
+    harness.request(client, "no", {**CHAT, "model": "gpt-4o"})
+    assert client.of("ok")[-1]["type"] == "done"
+    (refused,) = client.of("no")
+    assert refused["type"] == "error" and refused["status"] == 403
+    assert "not allowed" in json.dumps(refused)
+    assert len(harness.fake.seen) == 1  # the refused one never reached LiteLLM
