@@ -27,7 +27,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
-from werkzeug.routing import RequestRedirect
+from werkzeug.routing import BaseConverter, RequestRedirect
 
 from mpcapi import __version__
 from mpcapi.config.live import LiveSettings
@@ -292,6 +292,16 @@ def _forwarded(route: Route) -> Callable[..., Any]:
     serve.__name__ = serve.__qualname__ = route.name
     return serve
 
+
+class _ResponseId(BaseConverter):
+    """A stored response's id: any path segment but ``input_tokens``, which is the route
+    ``POST /responses/input_tokens`` (so its Allow header and 405 name only POST)."""
+
+    regex = r"(?!input_tokens$)[^/]+"
+    part_isolating = True
+
+
+Gateway.app.url_map.converters["response_id"] = _ResponseId
 
 # Every route of the table, served by the one pipeline, below each of its prefixes.
 for _route in ROUTES:

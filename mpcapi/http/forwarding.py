@@ -169,8 +169,11 @@ class Forwarding:
         except FormError as problem:
             raise bad_request(str(problem)) from None
         for field in call.route.form:
-            if field not in form:
+            if not form.fields.get(field):
                 raise bad_request(f"the multipart field {field!r} is required", param=field)
+        for field in call.route.files:
+            if field not in form.files and f"{field}[]" not in form.files:
+                raise bad_request(f"the multipart file {field!r} is required", param=field)
         model = form.fields.get("model")
         call.exchange.model = model or None
         if model:

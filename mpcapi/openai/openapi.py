@@ -119,19 +119,42 @@ _ERROR_SCHEMAS: dict[str, dict[str, Any]] = {
 }
 
 _UPSTREAM_ERROR_SCHEMA: dict[str, Any] = {
+    "description": "An error LiteLLM returned for the client's own request, relayed as it is: "
+    "OpenAI's shape, or FastAPI's `{\"detail\": …}` (an unknown route of LiteLLM's, a "
+    "field it requires).",
+    "anyOf": [
+        {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "properties": {
+                        "message": {"type": "string"},
+                        "type": {"type": ["string", "null"]},
+                        "param": {"type": ["string", "null"]},
+                        "code": {"type": ["string", "integer", "null"]},
+                    },
+                }
+            },
+        },
+        {"type": "object", "required": ["detail"]},
+    ],
+}
+
+# MPC-API's own errors on the Anthropic routes (see mpcapi.errors).
+_ANTHROPIC_ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",
-    "description": "An error LiteLLM returned for the client's own request, relayed as it is.",
-    "required": ["error"],
+    "description": "An error MPC-API produces itself on an Anthropic route, in Anthropic's shape.",
+    "required": ["type", "error", "request_id"],
     "properties": {
+        "type": {"const": "error"},
         "error": {
             "type": "object",
-            "properties": {
-                "message": {"type": "string"},
-                "type": {"type": ["string", "null"]},
-                "param": {"type": ["string", "null"]},
-                "code": {"type": ["string", "integer", "null"]},
-            },
-        }
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        },
+        "request_id": {"type": "string"},
     },
 }
 
@@ -414,7 +437,7 @@ class _Describer:
             )
         elif route.body == "multipart":
             request_body = {"required": True, "content": {"multipart/form-data": _form(route)}}
-            required = ", ".join(f"`{field}`" for field in route.form)
+            required = ", ".join(f"`{field}`" for field in (*route.form, *route.files))
             description = (
                 f"A multipart upload (required fields: {required}), streamed to LiteLLM from "
                 "disk, never held in memory; then " + description
@@ -447,7 +470,7 @@ class _Describer:
             {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
             for name in re.findall(r"\{(\w+)\}", path)
         ]
-        return _operation(
+        operation = _operation(
             route.summary,
             description,
             {"200": _success("LiteLLM's answer", content)},
@@ -457,6 +480,9 @@ class _Describer:
             request_body=request_body,
             parameters=parameters,
         )
+        if route.anthropic:
+            operation["responses"] = _in_anthropic_shape(operation["responses"])
+        return operation
 
     def _websocket(self, path: str) -> dict[str, Any]:
         return _operation(
@@ -776,6 +802,23 @@ def _answer_schema(endpoint: str) -> dict[str, Any]:
     return {"anyOf": [schema, _MULTI_MODEL_ANSWER]}
 
 
+def _in_anthropic_shape(responses: dict[str, Any]) -> dict[str, Any]:
+    """An Anthropic route's responses: the shared error responses, with our own errors in
+    Anthropic's shape (LiteLLM's pass through as they are)."""
+    shaped: dict[str, Any] = {}
+    for status, response in responses.items():
+        if "$ref" not in response:
+            shaped[status] = response
+            continue
+        schema = {"anyOf": [_ref("schemas", "AnthropicError"), _ref("schemas", "UpstreamError")]}
+        shaped[status] = {
+            "description": _REASONS[status],
+            "headers": {"x-request-id": _ref("headers", "RequestId")},
+            "content": _json_content(schema),
+        }
+    return shaped
+
+
 def _request_component(route: Route) -> str:
     """The component name of a route's JSON body: ``anthropic_messages`` ->
     ``AnthropicMessagesRequest``."""
@@ -785,17 +828,18 @@ def _request_component(route: Route) -> str:
 
 
 def _form(route: Route) -> dict[str, Any]:
-    """A multipart body's schema: its required fields (files are binary)."""
-    binary = {"type": "string", "format": "binary"}
-    files = ("file", "image")
-    properties = {field: binary if field in files else {"type": "string"} for field in route.form}
-    return {"schema": {"type": "object", "required": list(route.form), "properties": properties}}
+    """A multipart body's schema: its required text fields and files."""
+    properties: dict[str, Any] = {field: {"type": "string", "minLength": 1} for field in route.form}
+    properties.update({field: {"type": "string", "format": "binary"} for field in route.files})
+    required = [*route.form, *route.files]
+    return {"schema": {"type": "object", "required": required, "properties": properties}}
 
 
 def _components(settings: Settings) -> dict[str, Any]:
     schemas: dict[str, Any] = {
         "Error": _ERROR_SCHEMAS[settings.error_format],
         "UpstreamError": _UPSTREAM_ERROR_SCHEMA,
+        "AnthropicError": _ANTHROPIC_ERROR_SCHEMA,
         "Health": _HEALTH_SCHEMA,
         "Ready": _READY_SCHEMA,
         "ModelList": _MODELS_SCHEMA,

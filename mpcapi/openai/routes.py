@@ -58,7 +58,9 @@ class Route:
     schema: str | None = None  # a JSON body's JSON Schema (mpcapi/openai/schemas)
     # json: a JSON object (checked against schema); multipart: an upload; none: no body
     body: BodyKind = "none"
-    form: tuple[str, ...] = ()  # the fields a multipart body must have
+    # The fields a multipart body must have: text (not empty), and files (or their "x[]" form)
+    form: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()
     events: EventFormat | None = None  # a body with "stream": true gets these events
     binary: bool = False  # the answer is relayed as it arrives (audio, file contents)
     cacheable: bool = False  # 200 answers go to the response cache
@@ -145,27 +147,27 @@ ROUTES = (
         "Count a response's input tokens",
     ),
     Route(
-        "/responses/<response_id>",
+        "/responses/<response_id:response_id>",
         "get_response",
         "Retrieve a response",
         method="GET",
         stored=Stored("response", "read", "response_id"),
     ),
     Route(
-        "/responses/<response_id>",
+        "/responses/<response_id:response_id>",
         "delete_response",
         "Delete a response",
         method="DELETE",
         stored=Stored("response", "read", "response_id"),
     ),
     Route(
-        "/responses/<response_id>/cancel",
+        "/responses/<response_id:response_id>/cancel",
         "cancel_response",
         "Cancel a background response",
         stored=Stored("response", "read", "response_id"),
     ),
     Route(
-        "/responses/<response_id>/input_items",
+        "/responses/<response_id:response_id>/input_items",
         "response_input_items",
         "List a response's input items",
         method="GET",
@@ -216,7 +218,8 @@ ROUTES = (
         "audio_transcriptions",
         "Speech to text",
         body="multipart",
-        form=("file", "model"),
+        form=("model",),
+        files=("file",),
         usage=usage_of_answer,
     ),
     Route(
@@ -224,7 +227,8 @@ ROUTES = (
         "audio_translations",
         "Speech to English text",
         body="multipart",
-        form=("file", "model"),
+        form=("model",),
+        files=("file",),
         usage=usage_of_answer,
     ),
     _json(
@@ -238,7 +242,8 @@ ROUTES = (
         "images_edits",
         "Edit an image",
         body="multipart",
-        form=("image", "prompt"),
+        form=("prompt",),
+        files=("image",),
         usage=usage_of_images,
     ),
     Route(
@@ -246,7 +251,7 @@ ROUTES = (
         "images_variations",
         "Vary an image",
         body="multipart",
-        form=("image",),
+        files=("image",),
         usage=usage_of_images,
     ),
     Route(
@@ -254,7 +259,8 @@ ROUTES = (
         "upload_file",
         "Upload a file",
         body="multipart",
-        form=("file", "purpose"),
+        form=("purpose",),
+        files=("file",),
         stored=Stored("file", "create"),
     ),
     Route("/files", "list_files", "List files", method="GET", stored=Stored("file", "list")),
