@@ -209,7 +209,9 @@ class Forwarding:
             document = orjson.loads(answer)
         except ValueError:
             return answer
-        if stored.access == "create":
+        if stored.access in ("create", "read"):
+            # A read answers under a new id too (LiteLLM gives a response one on every
+            # answer): the owner, who passed the check, owns that one as well.
             object_id = document.get("id") if isinstance(document, dict) else None
             if isinstance(object_id, str):
                 await self.ownership.claim(stored.kind, object_id, owner)

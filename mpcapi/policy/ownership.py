@@ -66,6 +66,8 @@ class Ownership:
 
     async def claim(self, kind: str, object_id: str, owner: str) -> None:
         stored_id = provider_id(object_id)
+        if self._owners.get((kind, stored_id)) == owner:
+            return  # recorded already
         await self.database.run(objects.claim, kind, stored_id, owner)
         self._remember(kind, stored_id, owner)
 

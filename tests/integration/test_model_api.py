@@ -144,7 +144,12 @@ def test_a_streamed_response(gateway: Gateway) -> None:
 def test_a_stored_response_is_its_owners_only(gateway: Gateway) -> None:
     alice, bob = gateway.openai(), gateway.openai(gateway.bob)
     created = alice.responses.create(model="standin-gpt", input="Hi")
-    assert alice.responses.retrieve(created.id).output_text == STANDIN_TEXT
+    retrieved = alice.responses.retrieve(created.id)
+    assert retrieved.output_text == STANDIN_TEXT
+    # LiteLLM answers under a new id: the owner may use that one, and nobody else.
+    assert alice.responses.retrieve(retrieved.id).output_text == STANDIN_TEXT
+    with pytest.raises(openai.NotFoundError):
+        bob.responses.retrieve(retrieved.id)
     items = alice.responses.input_items.list(created.id)
     assert items.data[0].content[0].text == "Hi"  # type: ignore[union-attr]
     for call in (
