@@ -47,11 +47,63 @@ def error_event(message: str, kind: str) -> bytes:
 
 
 @implementer(IPushProducer)
-class SSERelay(UpstreamBody):
-    """Receives LiteLLM's body and writes it through to the client's request.
+class ClientRelay(UpstreamBody):
+    """Writes LiteLLM's body through to the client's request, as the client's producer:
+    a slow reader pauses LiteLLM, a client that leaves closes the LiteLLM connection.
 
-    ``ended`` fires with a ``StreamEnd`` once the stream is over, however it ended.
+    ``ended`` fires with a ``StreamEnd`` once the body is over, however it ended.
+    Subclasses write what arrives and say how it ends (``_end``).
     """
+
+    def __init__(
+        self, request: Request, exchange: Exchange, clock: IReactorTime, idle_timeout: float
+    ) -> None:
+        super().__init__(clock, idle_timeout)
+        self._request = request
+        self._exchange = exchange
+        self.outcome: StreamEnd | None = None
+        self.ended: Deferred[StreamEnd] = Deferred()
+
+    def connectionMade(self) -> None:
+        self._request.registerProducer(self, True)
+        self._request.notifyFinish().addErrback(self._client_gone)
+        self._start_timer()
+
+    # Client side (IPushProducer): the client's transport tells us to slow down.
+
+    def pauseProducing(self) -> None:
+        self._pause_upstream()
+
+    def resumeProducing(self) -> None:
+        self._resume_upstream()
+
+    def stopProducing(self) -> None:
+        # The client's connection is closing; the request hears of it right after, and only
+        # then may the handler return (or Klein would finish a request that is gone).
+        self._abandon()
+
+    def _client_gone(self, _: object) -> None:
+        self._abandon()
+        self._announce(self.outcome or StreamEnd.CLIENT_ABORT)
+
+    def _abandon(self) -> None:
+        if self.outcome is None:
+            self.outcome = StreamEnd.COMPLETED if self._complete() else StreamEnd.CLIENT_ABORT
+            self._exchange.stream_end = self.outcome.value
+            self._stop_timer()
+            self._close_upstream()
+
+    def _complete(self) -> bool:
+        """Whether a client that leaves now has had everything."""
+        return False
+
+    def _announce(self, outcome: StreamEnd) -> None:
+        if not self.ended.called:  # it was cancelled if the handler was
+            self.ended.callback(outcome)
+
+
+class SSERelay(ClientRelay):
+    """Relays LiteLLM's event stream, reading it as the route's family of events."""
 
     def __init__(
         self,
@@ -62,10 +114,8 @@ class SSERelay(UpstreamBody):
         hide_usage: bool = False,
         events: EventFormat = CHAT_EVENTS,
     ) -> None:
-        super().__init__(clock, idle_timeout)
-        self._request = request
         # The stream's facts (events, first byte, text chunks, usage, end) go on the exchange.
-        self._exchange = exchange
+        super().__init__(request, exchange, clock, idle_timeout)
         exchange.streamed = True
         # True when we asked LiteLLM for usage and the client did not: the usage-only chunk is
         # counted, not relayed, so events are written whole, one at a time, as they complete.
@@ -73,8 +123,6 @@ class SSERelay(UpstreamBody):
         self._parser = SSEParser()
         self._events = events
         self._reader = events.reader()
-        self.outcome: StreamEnd | None = None
-        self.ended: Deferred[StreamEnd] = Deferred()
 
     @property
     def object_ids(self) -> list[str]:
@@ -82,11 +130,6 @@ class SSERelay(UpstreamBody):
         return self._reader.object_ids
 
     # Upstream side (IProtocol)
-
-    def connectionMade(self) -> None:
-        self._request.registerProducer(self, True)
-        self._request.notifyFinish().addErrback(self._client_gone)
-        self._start_timer()
 
     def dataReceived(self, data: bytes) -> None:
         if self.outcome is not None:
@@ -119,19 +162,6 @@ class SSERelay(UpstreamBody):
                 ),
             )
 
-    # Client side (IPushProducer): the client's transport tells us to slow down.
-
-    def pauseProducing(self) -> None:
-        self._pause_upstream()
-
-    def resumeProducing(self) -> None:
-        self._resume_upstream()
-
-    def stopProducing(self) -> None:
-        # The client's connection is closing; the request hears of it right after, and only
-        # then may the handler return (or Klein would finish a request that is gone).
-        self._abandon()
-
     # Internals
 
     def _observe(self, event: SSEEvent) -> bool:
@@ -155,18 +185,9 @@ class SSERelay(UpstreamBody):
         self._end(StreamEnd.TIMEOUT, self._events.error_event(message, "timeout"))
         self._close_upstream()
 
-    def _client_gone(self, _: object) -> None:
-        self._abandon()
-        self._announce(self.outcome or StreamEnd.CLIENT_ABORT)
-
-    def _abandon(self) -> None:
-        if self.outcome is None:
-            # A client that closes once it has [DONE] (the OpenAI SDK does) got everything.
-            done = self._exchange.saw_done
-            self.outcome = StreamEnd.COMPLETED if done else StreamEnd.CLIENT_ABORT
-            self._exchange.stream_end = self.outcome.value
-            self._stop_timer()
-            self._close_upstream()
+    def _complete(self) -> bool:
+        # A client that closes once it has [DONE] (the OpenAI SDK does) got everything.
+        return self._exchange.saw_done
 
     def _end(self, outcome: StreamEnd, last_event: bytes = b"") -> None:
         self.outcome = outcome
@@ -179,7 +200,3 @@ class SSERelay(UpstreamBody):
             self._request.write(last_event)
         self._request.finish()
         self._announce(outcome)
-
-    def _announce(self, outcome: StreamEnd) -> None:
-        if not self.ended.called:  # it was cancelled if the handler was
-            self.ended.callback(outcome)
