@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.web.server import Request
+from twisted.web._newclient import ResponseFailed
+from twisted.web.http import _DataLoss
+from twisted.web.server import NOT_DONE_YET, Request
 
 from mpcapi.exchange import Exchange
 from mpcapi.policy.ownership import provider_id
@@ -391,3 +393,30 @@ async def test_a_response_id_encoded_anew_still_belongs_to_its_owner(owned: Harn
     assert (await send(harness, "GET", f"/v1/responses/{again}", bob)).code == 404
     forged = litellm_file_id("resp_raw1")  # the right provider id, in another wrapping
     assert (await send(harness, "GET", f"/v1/responses/{forged}", bob)).code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_speech_that_stalls_midway_drops_the_client_connection() -> None:
+    """A binary answer cannot carry an error: past LITELLM_TIMEOUT of silence the client's
+    connection is dropped, so it sees a short body, never a whole-looking one."""
+    harness, seen = observed_harness()
+    held: list[Request] = []
+
+    def first_chunk_then_silence(request: Request) -> int:
+        request.setHeader(b"content-type", b"audio/mpeg")
+        request.write(b"ID3" + bytes(1000))
+        held.append(request)
+        return NOT_DONE_YET
+
+    harness.fake.routes[("POST", "/audio/speech")] = first_chunk_then_silence
+    body = {"model": "tts-1", "input": "Hello", "voice": "alloy"}
+    response = await harness.post("/v1/audio/speech", body)
+    assert response.code == 200
+    collected = response.content()
+    harness.flush()
+    harness.clock.advance(harness.settings.litellm_timeout + 1)
+    harness.flush()
+    with pytest.raises(ResponseFailed) as broken:
+        await collected
+    assert any(reason.check(_DataLoss) for reason in broken.value.reasons)  # a short body
+    assert seen[-1].outcome == "timeout"
