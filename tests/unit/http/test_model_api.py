@@ -420,3 +420,42 @@ async def test_speech_that_stalls_midway_drops_the_client_connection() -> None:
         await collected
     assert any(reason.check(_DataLoss) for reason in broken.value.reasons)  # a short body
     assert seen[-1].outcome == "timeout"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/v1/responses", {"model": "m", "input": []}, "input"),
+        ("/v1/responses", {"model": "", "input": "x"}, "model"),
+        ("/v1/responses", {"model": "m", "input": "x", "temperature": 3}, "temperature"),
+        ("/v1/responses/input_tokens", {"input": "x"}, "model"),
+        ("/v1/messages/count_tokens", {"model": "m"}, "messages"),
+        ("/v1/rerank", {"model": "m", "query": "q"}, "documents"),
+        ("/v2/rerank", {"model": "m", "query": "", "documents": ["a"]}, "query"),
+        ("/v1/moderations", {"model": "m"}, "input"),
+        ("/v1/images/generations", {"model": "m"}, "prompt"),
+        ("/v1/images/generations", {"model": "m", "prompt": "x", "n": 0}, "n"),
+        ("/v1/audio/speech", {"model": "m", "input": "x", "voice": "v", "speed": 9}, "speed"),
+        (
+            "/v1/batches",
+            {"input_file_id": "f", "endpoint": "/v1/chat/completions"},
+            "completion_window",
+        ),
+        (
+            "/v1/batches",
+            {"input_file_id": "f", "endpoint": "/v1/nope", "completion_window": "24h"},
+            "endpoint",
+        ),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_every_json_route_refuses_a_bad_body_naming_the_field(
+    path: str, body: Any, field: str
+) -> None:
+    harness = make_harness()
+    response = await harness.post(path, body)
+    assert response.code == 400
+    document = await json_body(response)
+    # (Both shapes, OpenAI's and Anthropic's, carry the message in error.message.)
+    assert field in document["error"]["message"]
+    assert harness.fake.seen == []
