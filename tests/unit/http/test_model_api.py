@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import pytest_twisted
 from twisted.web._newclient import ResponseFailed
@@ -459,3 +460,34 @@ async def test_every_json_route_refuses_a_bad_body_naming_the_field(
     # (Both shapes, OpenAI's and Anthropic's, carry the message in error.message.)
     assert field in document["error"]["message"]
     assert harness.fake.seen == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_model_access_covers_the_model_api_in_each_routes_shape() -> None:
+    """A key limited to some models gets 403 for any other, on every family: OpenAI-shaped
+    on the OpenAI routes, Anthropic-shaped on Anthropic's, uploads and GET /models/{id} too."""
+    key = attrs.evolve(client_key("key_a", "alice"), models=("standin-claude", "openai/*"))
+    harness = keyed_harness({"key_a": key})
+    harness.fake.routes[("POST", "/v1/messages")] = answer(200, ANTHROPIC_ANSWER)
+    allowed = await harness.post(
+        "/v1/messages", {**MESSAGE, "model": "standin-claude"}, headers={"x-api-key": "key_a"}
+    )
+    assert allowed.code == 200
+    refused = await harness.post("/v1/messages", MESSAGE, headers={"x-api-key": "key_a"})
+    assert refused.code == 403
+    anthropic_error(await json_body(refused), "permission_error", "claude-x")
+    bearer = {"authorization": "Bearer key_a"}
+    openai = await harness.post("/v1/responses", {"model": "gpt-4o", "input": "x"}, headers=bearer)
+    assert openai.code == 403
+    document = await json_body(openai)
+    assert (document["error"]["type"], document["error"]["code"]) == (
+        "permission_error",
+        "model_not_allowed",
+    )
+    model = await harness.get("/v1/models/gpt-4o", headers=bearer)
+    assert model.code == 403
+    upload = form_body(("model", b"whisper-1", None), ("file", b"x", "a.wav"))
+    headers = {**MULTIPART, "authorization": [b"Bearer key_a"]}
+    transcription = await harness.post("/v1/audio/transcriptions", upload, headers=headers)
+    assert transcription.code == 403
+    assert [s.path for s in harness.fake.seen] == ["/v1/messages"]
