@@ -9,6 +9,14 @@ with a top-level `"stand_in": {"events": 30, "interval_ms": 1000}` (MPC-API pass
 fields through unchanged). Without `"stream": true` it answers one `chat.completion`. With
 `--models`, a model not in the list gets LiteLLM's 400 "Invalid model name" error.
 
+For bench/bodies.py, two audio routes that never hold a large body in memory:
+`POST /audio/transcriptions` counts the bytes of the upload (Twisted keeps a large body in a
+temporary file; it is read back in 64 KiB chunks) and answers a transcription whose text says
+how many (`received N bytes`, also in the `x-standin-received-bytes` header);
+`POST /audio/speech` answers `audio/mpeg` with as many bytes as its `"input"` says when that
+is a number (1000 otherwise), written 64 KiB at a time by a push producer that stops while the
+client's connection is paused (backpressure).
+
 The main port counts its connections and streams; `GET /stats` on the control port (which is
 not counted) reports them, `POST /stats/reset` sets the peaks to the current values. Only
 warnings and errors are logged (to stdout, after one start-up line).
@@ -22,13 +30,14 @@ import argparse
 import contextlib
 import itertools
 import json
+import os
 import resource
 import sys
 import time
 from typing import Any
 
 from twisted.internet import reactor as _reactor
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
@@ -39,10 +48,17 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
+from zope.interface import implementer
 
 reactor: Any = _reactor
 
 MODEL = "gpt-4o-mini"
+AUDIO_CHUNK = 64 * 1024
+SPEECH_DEFAULT_BYTES = 1000
+# Chunks written per reactor turn at most, so that one answer cannot starve the others even
+# if the transport were slow to pause us.
+SPEECH_BURST = 16
+_AUDIO_BYTES = bytes(range(256)) * (AUDIO_CHUNK // 256)  # one chunk, reused for every write
 
 
 class Stats:
@@ -57,6 +73,10 @@ class Stats:
         self.streams_started = 0
         self.streams_completed = 0
         self.streams_aborted = 0
+        self.uploads = 0
+        self.upload_bytes_last = 0  # the body bytes of the last upload
+        self.speech_answers = 0
+        self.speech_bytes_sent = 0  # in all, including answers cut short
 
     def connection_opened(self) -> None:
         self.connections += 1
@@ -104,6 +124,11 @@ class CountingChannel(http.HTTPChannel):
 
 class QuietSite(server.Site):
     noisy = False
+
+    def __init__(self, root: Resource) -> None:
+        # Twisted would otherwise parse a multipart body into request.args, whole and in
+        # memory (some 600 MB for a 50 MB upload): LiteLLM streams uploads, so must we.
+        super().__init__(root, parsePOSTFormSubmission=False)
 
     def log(self, request: Any) -> None:
         """No access log: it would cost more than the answers."""
@@ -278,6 +303,107 @@ class StatsResource(Resource):
         return _json(request, 200, self._stats.as_dict())
 
 
+class Transcriptions(Resource):
+    """`POST /audio/transcriptions`: counts the upload's bytes, answers a transcription."""
+
+    isLeaf = True
+
+    def __init__(self, stats: Stats) -> None:
+        super().__init__()
+        self._stats = stats
+
+    def render_POST(self, request: server.Request) -> bytes:
+        received = 0
+        content = request.content
+        if content is not None:
+            content.seek(0, os.SEEK_SET)  # read back in chunks: never the whole body at once
+            while chunk := content.read(AUDIO_CHUNK):
+                received += len(chunk)
+        self._stats.uploads += 1
+        self._stats.upload_bytes_last = received
+        request.setHeader(b"x-standin-received-bytes", b"%d" % received)
+        answer = {"text": f"received {received} bytes", "usage": {"type": "duration", "seconds": 1}}
+        return _json(request, 200, answer)
+
+
+@implementer(IPushProducer)
+class AudioBody:
+    """`size` bytes of audio written in chunks while the client's connection takes them:
+    paused by the transport when its buffer is full, resumed when it drains."""
+
+    def __init__(self, request: server.Request, stats: Stats, size: int) -> None:
+        self._request = request
+        self._stats = stats
+        self._left = size
+        self._paused = False
+        self._over = False
+        self._call: IDelayedCall | None = None
+
+    def start(self) -> None:
+        self._stats.speech_answers += 1
+        self._request.registerProducer(self, True)
+        self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._call is None and not self._paused and not self._over:
+            self._call = reactor.callLater(0, self._write)
+
+    def _write(self) -> None:
+        self._call = None
+        for _ in range(SPEECH_BURST):
+            if self._paused or self._over or self._left <= 0:
+                break
+            n = min(AUDIO_CHUNK, self._left)
+            self._left -= n
+            self._stats.speech_bytes_sent += n
+            # (write may pause us at once: the loop then stops)
+            self._request.write(_AUDIO_BYTES if n == AUDIO_CHUNK else _AUDIO_BYTES[:n])
+        if self._over:
+            return
+        if self._left <= 0:
+            self._over = True
+            self._request.unregisterProducer()
+            self._request.finish()
+            return
+        self._schedule()
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._schedule()
+
+    def stopProducing(self) -> None:
+        self._over = True
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+
+class Speech(Resource):
+    """`POST /audio/speech`: as many bytes of `audio/mpeg` as `"input"` says (a number)."""
+
+    isLeaf = True
+
+    def __init__(self, stats: Stats) -> None:
+        super().__init__()
+        self._stats = stats
+
+    def render_POST(self, request: server.Request) -> bytes | int:
+        try:
+            body = json.loads(request.content.read() if request.content is not None else b"")
+            spoken = str(body.get("input", ""))
+        except (ValueError, AttributeError) as err:
+            message = {"message": f"bad request: {err}", "type": "invalid_request_error"}
+            return _json(request, 400, {"error": message})
+        size = int(spoken) if spoken.strip().isdigit() else SPEECH_DEFAULT_BYTES
+        request.setHeader(b"content-type", b"audio/mpeg")
+        AudioBody(request, self._stats, size).start()
+        return server.NOT_DONE_YET
+
+
 def build_root(
     stats: Stats, events: int, interval_ms: float, served: frozenset[str] = frozenset()
 ) -> Resource:
@@ -287,6 +413,10 @@ def build_root(
     root.children[b"chat"].putChild(b"completions", completions)
     models = {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "bench"}]}
     root.putChild(b"models", Static(models))
+    audio = Resource()
+    audio.putChild(b"transcriptions", Transcriptions(stats))
+    audio.putChild(b"speech", Speech(stats))
+    root.putChild(b"audio", audio)
     health = Resource()
     health.putChild(b"liveliness", Static("I'm alive!"))
     root.putChild(b"health", health)
