@@ -91,7 +91,10 @@ def gateway(litellm: LiteLLM, tmp_path_factory: pytest.TempPathFactory) -> Itera
     launcher = DaemonLauncher(root, daemon_defaults(litellm))
     try:
         daemon = launcher.start(
-            MPCAPI_AUTH="keys", MPCAPI_DATABASE_URL=url, MPCAPI_USAGE_FLUSH_SECONDS="0.2"
+            MPCAPI_AUTH="keys",
+            MPCAPI_DATABASE_URL=url,
+            MPCAPI_USAGE_FLUSH_SECONDS="0.2",
+            MPCAPI_METRICS_PUBLIC="true",
         )
         yield Gateway(daemon, path, alice, bob)
     finally:
@@ -439,3 +442,34 @@ def test_openapi_lists_the_whole_model_api(gateway: Gateway) -> None:
     assert (
         "multipart/form-data" in paths["/v1/audio/transcriptions"]["post"]["requestBody"]["content"]
     )
+
+
+def test_every_family_is_logged_and_counted_in_metrics(gateway: Gateway) -> None:
+    """Run last in this module: the families called above each have their log line and their
+    series in /metrics, by operation (ids as {name}, never raw paths)."""
+    with urllib.request.urlopen(gateway.daemon.url + "/metrics", timeout=10) as answer:
+        metrics = answer.read().decode()
+    for route in (
+        "/responses",
+        "/responses/{response_id}",
+        "/messages",
+        "/rerank",
+        "/audio/speech",
+        "/audio/transcriptions",
+        "/images/generations",
+        "/moderations",
+        "/files",
+        "/files/{file_id}/content",
+        "/batches",
+    ):
+        counted = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith("mpcapi_requests_total{") and f'route="{route}"' in line
+        ]
+        assert counted and all(float(line.rsplit(" ", 1)[1]) >= 1 for line in counted), route
+    assert "resp_" not in metrics and "file-" not in metrics  # no raw ids in labels
+    log = gateway.daemon.log_text()
+    for line in ("POST /anthropic/v1/messages 200", "POST /v1/audio/transcriptions 200"):
+        assert line in log, line
+    assert "Traceback" not in log
