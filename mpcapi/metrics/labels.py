@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mpcapi.exchange import Exchange
+from mpcapi.exchange import WEBSOCKET, Exchange
 from mpcapi.openai.routes import ROUTES
 
 OTHER = "other"
@@ -22,7 +22,8 @@ SERVICE_ROUTES = (
     "/openapi.json",
     "/dashboard",
 )
-METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+# HTTP's, and WEBSOCKET's for the messages of a socket.
+METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", WEBSOCKET})
 UPSTREAM_FAILURES = ("unreachable", "timeout", "status_5xx", "key_refused", "broken")
 CACHE_RESULTS = ("hit", "miss", "bypass")
 TOKEN_TYPES = ("prompt", "completion")

@@ -126,8 +126,9 @@ def build_gateway(
         live, upstream, clock, admission, cache, validator, ledger, settings.log_bodies, ownership
     )
     every: list[ExchangeObserver] = [limiter.count_tokens, metrics.observe]
-    # WebSocket messages count their tokens and have their rows, as HTTP requests do.
-    message_observers: list[ExchangeObserver] = [limiter.count_tokens]
+    # WebSocket messages count their tokens, have their rows and are counted in /metrics
+    # (method "WS"), as HTTP requests are.
+    message_observers: list[ExchangeObserver] = [limiter.count_tokens, metrics.observe]
     if ledger is not None:
         every.append(ledger.observe)
         message_observers.insert(0, ledger.observe)

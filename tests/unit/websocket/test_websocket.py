@@ -215,6 +215,21 @@ def test_chunks_then_done(harness: Harness, logged: list[LogEvent]) -> None:
     assert not harness.session().calls
 
 
+def test_socket_messages_are_counted_in_metrics_as_ws(harness: Harness) -> None:
+    harness.fake.routes[("POST", "/chat/completions")] = whole_stream(event(0), b"data: [DONE]\n\n")
+    client = harness.open()
+    harness.request(client, "a", CHAT)
+    harness.request(client, "b", CHAT)
+    metrics = harness.parts.metrics.exposition(None)[0].decode()
+    counted = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("mpcapi_requests_total{") and 'method="WS"' in line
+    ]
+    assert len(counted) == 1 and 'route="/chat/completions"' in counted[0], counted
+    assert counted[0].endswith(" 2.0")
+
+
 def test_stream_false_is_streamed_anyway(harness: Harness) -> None:
     harness.fake.routes[("POST", "/chat/completions")] = whole_stream(b"data: [DONE]\n\n")
     client = harness.open()
