@@ -10,7 +10,7 @@ import sqlite3
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -445,8 +445,8 @@ def test_openapi_lists_the_whole_model_api(gateway: Gateway) -> None:
 
 
 def test_every_family_is_logged_and_counted_in_metrics(gateway: Gateway) -> None:
-    """Run last in this module: the families called above each have their log line and their
-    series in /metrics, by operation (ids as {name}, never raw paths)."""
+    """After the tests above on this module's daemon: each family they called has its log
+    line and its series in /metrics, by operation (ids as {name}, never raw paths)."""
     with urllib.request.urlopen(gateway.daemon.url + "/metrics", timeout=10) as answer:
         metrics = answer.read().decode()
     for route in (
@@ -473,3 +473,29 @@ def test_every_family_is_logged_and_counted_in_metrics(gateway: Gateway) -> None
     for line in ("POST /anthropic/v1/messages 200", "POST /v1/audio/transcriptions 200"):
         assert line in log, line
     assert "Traceback" not in log
+
+
+def test_an_upload_over_the_body_limit_is_a_413_in_the_routes_shape(
+    start_mpcapi: Callable[..., Daemon],
+) -> None:
+    """MPCAPI_MAX_BODY_BYTES holds for uploads too, refused before the body is read; on an
+    Anthropic route the 413 has Anthropic's shape (it comes before any routing)."""
+    daemon = start_mpcapi(MPCAPI_MAX_BODY_BYTES="2000")
+    with httpx.Client(base_url=daemon.url, timeout=20) as http:
+        upload = http.post(
+            "/v1/audio/transcriptions",
+            data={"model": "standin-whisper"},
+            files={"file": ("a.mp3", b"ID3" + bytes(10_000))},
+        )
+        assert upload.status_code == 413
+        assert upload.json()["error"]["code"] == "payload_too_large"
+        message = http.post(
+            "/anthropic/v1/messages",
+            json={
+                **{"model": "claude-mock", "max_tokens": 5},
+                "messages": [{"role": "user", "content": "x" * 10_000}],
+            },
+        )
+        assert message.status_code == 413
+        assert message.json()["type"] == "error"
+        assert message.json()["error"]["type"] == "request_too_large"
