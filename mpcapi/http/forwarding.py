@@ -45,20 +45,22 @@ if TYPE_CHECKING:
     from mpcapi.ledger.ledger import UsageLedger
 
 
-@attrs.define
 class _Call:
-    """One call through the pipeline: its route, where it goes on LiteLLM, whose it is."""
+    """One call through the pipeline: its route, where it goes on LiteLLM, whose it is.
+    (A plain class with slots: one is made per request.)"""
 
-    route: Route
-    exchange: Exchange
-    authorization: bytes | None
-    owner: str | None  # the key whose stored objects it may see; None: no ownership
-    path: str = ""  # LiteLLM's path, with the URL's arguments and query
-    fixed: bool = True  # the route's own path: its URL is built once
-    content_type: bytes | None = None  # an upload's (JSON otherwise)
+    __slots__ = ("authorization", "content_type", "exchange", "fixed", "owner", "path", "route")
 
-    def __attrs_post_init__(self) -> None:
-        self.path = self.path or self.route.upstream_path()
+    def __init__(
+        self, route: Route, exchange: Exchange, authorization: bytes | None, owner: str | None
+    ) -> None:
+        self.route = route
+        self.exchange = exchange
+        self.authorization = authorization
+        self.owner = owner  # the key whose stored objects it may see; None: no ownership
+        self.path = route.upstream or route.path  # LiteLLM's path, with arguments and query
+        self.fixed = True  # the route's own path: its URL is built once
+        self.content_type: bytes | None = None  # an upload's (JSON otherwise)
 
 
 @attrs.define
@@ -90,7 +92,8 @@ class Forwarding:
         set_header = request.responseHeaders.setRawHeaders
         for limit, value in limits.items():
             set_header(HEADER_NAMES[limit], [value.encode("ascii")])
-        call = _Call(route, exchange, authorization, self._owner(exchange, route))
+        owner = exchange.key_id if self.ownership is not None and route.stored else None
+        call = _Call(route, exchange, authorization, owner)
         if call.owner is not None and route.stored is not None and route.stored.param:
             await self._own(route.stored.kind, arguments, route.stored.param, call.owner)
         query = request.uri.partition(b"?")[2]
@@ -145,12 +148,6 @@ class Forwarding:
         if store_key is not None and answer is not None and request.code == 200:
             self.cache.keep(store_key, answer)
         return answer
-
-    def _owner(self, exchange: Exchange, route: Route) -> str | None:
-        """Whose objects the call may see: its key's, when ownership is kept."""
-        if self.ownership is None or route.stored is None:
-            return None
-        return exchange.key_id
 
     async def _own(self, kind: str, values: Any, name: str, owner: str) -> None:
         """404 unless ``owner`` made the object whose id is ``values[name]``."""
