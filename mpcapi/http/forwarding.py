@@ -97,7 +97,7 @@ class Forwarding:
         if call.owner is not None and route.stored is not None and route.stored.param:
             await self._own(route.stored.kind, arguments, route.stored.param, call.owner)
         query = request.uri.partition(b"?")[2]
-        if arguments or query:
+        if arguments or query:  # LiteLLM's path with the URL's arguments and query
             call.path = route.upstream_path(arguments)
             if query:
                 call.path += "?" + query.decode("latin-1")
@@ -109,6 +109,12 @@ class Forwarding:
             return await self._forward(request, call, None)
         if route.body == "multipart":
             return await self._forward(request, call, self._upload(request, call))
+        return await self._serve_json(request, call)
+
+    async def _serve_json(self, request: Request, call: _Call) -> bytes | None:
+        """A JSON body: validated, its model allowed, the objects it names owned, then the
+        cache, then LiteLLM (streamed when it asks for a stream)."""
+        route, exchange = call.route, call.exchange
         body = request.content.read() if request.content is not None else b""
         document = self.validator.validate(route.schema or route.name, body)
         model = document.get("model")
@@ -130,7 +136,7 @@ class Forwarding:
                 exchange,
                 document,
                 cache_directives(request.requestHeaders.getRawHeaders(b"cache-control") or []),
-                authorization,
+                call.authorization,
                 (lambda cached: _event_stream(cached, document)) if streamed else _whole,
             )
             if lookup is not None:
