@@ -68,8 +68,8 @@ class Ownership:
         stored_id = provider_id(object_id)
         if self._owners.get((kind, stored_id)) == owner:
             return  # recorded already
-        await self.database.run(objects.claim, kind, stored_id, owner)
-        self._remember(kind, stored_id, owner)
+        stored_owner = await self.database.run(objects.claim, kind, stored_id, owner)
+        self._remember(kind, stored_id, stored_owner)
 
     async def check(self, kind: str, object_id: str, owner: str) -> None:
         """404 unless ``owner`` made the object."""

@@ -8,13 +8,15 @@ from collections.abc import Sequence
 from mpcapi.storage.database import Cursor, utc_now
 
 
-def claim(cursor: Cursor, kind: str, object_id: str, owner: str) -> None:
-    """Record ``owner`` as the maker of an object (once: the first owner stays)."""
+def claim(cursor: Cursor, kind: str, object_id: str, owner: str) -> str:
+    """Record ``owner`` as the maker of an object (once: the first owner stays); return the
+    object's owner."""
     cursor.execute(
         "INSERT INTO stored_objects (kind, id, owner, created_at) VALUES (?, ?, ?, ?) "
         "ON CONFLICT DO NOTHING",
         (kind, object_id, owner, utc_now()),
     )
+    return owner_of(cursor, kind, object_id) or owner
 
 
 def owner_of(cursor: Cursor, kind: str, object_id: str) -> str | None:
