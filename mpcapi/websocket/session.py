@@ -355,7 +355,15 @@ class WebSocketSession:
 
     def done(self, message: Message) -> None:
         self._store(message)
-        self._claim(message)
+        claiming = self._claim(message)
+        if claiming is None:
+            self._say_done(message)
+        else:  # "done" once the owner is recorded: the client may use the id at once
+            claiming.addBoth(lambda _: self._say_done(message))
+
+    def _say_done(self, message: Message) -> None:
+        if not self._current(message):
+            return  # cancelled, or the socket closed, while its owner was being recorded
         exchange = message.exchange
         answer: dict[str, Any] = {"id": exchange.message_id, "type": "done"}
         if exchange.cache is not None:  # what x-mpcapi-cache says on HTTP
@@ -363,17 +371,23 @@ class WebSocketSession:
         self._send(message, answer)
         self._finish(message)
 
-    def _claim(self, message: Message) -> None:
-        """Record the key that created a stored object (a response), as on HTTP."""
+    def _claim(self, message: Message) -> defer.Deferred[Any] | None:
+        """Record the key that created a stored object (a response), as on HTTP; None when
+        there is nothing to record."""
         ownership, route = self._endpoint.ownership, message.route
         owner = message.exchange.key_id
-        if ownership is None or route is None or route.stored is None or owner is None:
-            return
-        for object_id in message.reader.object_ids:
-            claimed = defer.Deferred.fromCoroutine(
-                ownership.claim(route.stored.kind, object_id, owner)
-            )
-            claimed.addErrback(lambda failure: log.failure("could not record an owner", failure))
+        ids = message.reader.object_ids
+        if ownership is None or route is None or route.stored is None or not owner or not ids:
+            return None
+        kind = route.stored.kind
+
+        async def claim_all() -> None:
+            for object_id in ids:
+                await ownership.claim(kind, object_id, owner)
+
+        claiming = defer.Deferred.fromCoroutine(claim_all())
+        claiming.addErrback(lambda failure: log.failure("could not record an owner", failure))
+        return claiming
 
     def _store(self, message: Message) -> None:
         """Keep a complete answer in the response cache, as a non-streamed answer."""

@@ -18,6 +18,7 @@ import anthropic
 import httpx
 import openai
 import pytest
+from websockets.sync.client import connect
 
 from mpcapi.storage.database import SyncDatabase
 from mpcapi.storage.keys import create_key
@@ -499,3 +500,23 @@ def test_an_upload_over_the_body_limit_is_a_413_in_the_routes_shape(
         assert message.status_code == 413
         assert message.json()["type"] == "error"
         assert message.json()["error"]["type"] == "request_too_large"
+
+
+def test_a_responses_request_over_the_websocket_is_streamed_and_owned(gateway: Gateway) -> None:
+    url = gateway.daemon.url.replace("http://", "ws://") + "/v1/ws"
+    headers = {"Authorization": f"Bearer {gateway.alice}"}
+    with connect(url, additional_headers=headers, open_timeout=10) as socket:
+        body = {"model": "standin-gpt", "input": "Hi"}
+        socket.send(json.dumps({"id": "r1", "type": "responses", "body": body}))
+        events = []
+        while (message := json.loads(socket.recv(timeout=20)))["type"] == "chunk":
+            events.append(message["data"])
+    assert message == {"id": "r1", "type": "done"}
+    text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert text == STANDIN_TEXT
+    assert events[-1]["type"] == "response.completed"
+    # Its owner was recorded before "done": the id works at once, for its owner only.
+    response_id = events[-1]["response"]["id"]
+    assert gateway.openai().responses.retrieve(response_id).output_text == STANDIN_TEXT
+    with pytest.raises(openai.NotFoundError):
+        gateway.openai(gateway.bob).responses.retrieve(response_id)
