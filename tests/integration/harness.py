@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -433,6 +434,16 @@ def fake_upstream() -> Iterator[FakeUpstream]:
     with serving(_fake_upstream_handler(upstream), "fake-upstream") as url:
         upstream.url = url
         yield upstream
+
+
+# A request line of the log, in text ("] POST /api/x 500 ") or JSON ("message":"POST …").
+_ANSWERED_500 = re.compile(r'(?:\] |"message":")[A-Z]+ \S+ 500 ')
+
+
+def answered_500(log: str) -> bool:
+    """Whether a daemon's log has a request answered 500 (its request line, not any " 500 ":
+    "replayed 500 usage rows" is no error)."""
+    return _ANSWERED_500.search(log) is not None
 
 
 def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
