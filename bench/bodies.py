@@ -42,6 +42,7 @@ from common import (
     exit_text,
     fmt_mib,
     guarded,
+    log_problems_only,
     mpcapi_log_summary,
     print_rows,
     proc_status,
@@ -56,13 +57,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import CooperativeTask, LoopingCall, TaskStopped, cooperate, deferLater
-from twisted.logger import (
-    FilteringLogObserver,
-    LogLevel,
-    LogLevelFilterPredicate,
-    globalLogBeginner,
-    textFileLogObserver,
-)
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
@@ -545,15 +539,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     begun = time.monotonic()
-    globalLogBeginner.beginLoggingTo(
-        [
-            FilteringLogObserver(
-                textFileLogObserver(sys.stderr),
-                [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)],
-            )
-        ],
-        redirectStandardIO=False,
-    )
+    log_problems_only(sys.stderr)
 
     def run(sup: Supervisor) -> int:
         standin, _control = start_standin(sup)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TextIO
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -520,3 +520,20 @@ def guarded(run: Callable[[Supervisor], int], keep_tmp: bool) -> int:
     except KeyboardInterrupt:
         print("\nbench: interrupted", file=sys.stderr)
         return 130
+
+
+def log_problems_only(stream: TextIO) -> None:
+    """Twisted's log of this process to ``stream``, warnings and errors only."""
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
+
+    only_problems = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
+    globalLogBeginner.beginLoggingTo(
+        [FilteringLogObserver(textFileLogObserver(stream), [only_problems])],
+        redirectStandardIO=False,
+    )

@@ -45,6 +45,7 @@ from common import (
     fd_count,
     fmt_mib,
     guarded,
+    log_problems_only,
     mpcapi_log_summary,
     nofile_of,
     print_rows,
@@ -61,13 +62,6 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall, deferLater
-from twisted.logger import (
-    FilteringLogObserver,
-    LogLevel,
-    LogLevelFilterPredicate,
-    globalLogBeginner,
-    textFileLogObserver,
-)
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
@@ -834,15 +828,7 @@ def main(argv: list[str]) -> int:
     if soft < needed:
         print(f"bench: RLIMIT_NOFILE is {soft}, {needed} needed; lower --open-streams")
         return 2
-    globalLogBeginner.beginLoggingTo(
-        [
-            FilteringLogObserver(
-                textFileLogObserver(sys.stderr),
-                [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)],
-            )
-        ],
-        redirectStandardIO=False,
-    )
+    log_problems_only(sys.stderr)
 
     def run(sup: Supervisor) -> int:
         standin, control = start_standin(

@@ -41,11 +41,6 @@ class StreamEnd(Enum):
     TIMEOUT = "timeout"
 
 
-def error_event(message: str, kind: str) -> bytes:
-    """One SSE event of a chat stream in the shape OpenAI SDKs raise on."""
-    return CHAT_EVENTS.error_event(message, kind)
-
-
 @implementer(IPushProducer)
 class ClientRelay(UpstreamBody):
     """Writes LiteLLM's body through to the client's request, as the client's producer:

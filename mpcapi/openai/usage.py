@@ -150,16 +150,6 @@ def usage_of_chunk(document: Any) -> Usage | None:
     return usage if cost is None else attrs.evolve(usage, cost_usd=cost)
 
 
-def usage_of_event(data: str) -> Usage | None:
-    """The usage carried by one stream event's data, if any (the final chunk's)."""
-    if '"usage"' not in data:
-        return None
-    try:
-        return _tokens(orjson.loads(data))
-    except ValueError:
-        return None
-
-
 def cost_of(cost_header: bytes | None) -> float | None:
     """The cost in USD that a ``COST_HEADER`` value says; None when it says none."""
     if not cost_header:

@@ -237,6 +237,17 @@ def _key_changes(cursor: Cursor, document: Any, now: float, creating: bool) -> d
             if team_rows.team_by_id(cursor, team_id) is None:
                 raise InvalidInputError(f"team_id: no team {team_id!r}", "team_id")
         changes["team_id"] = team_id
+    changes.update(_limit_changes(document))
+    sets_expiry, expires_at = _expiry(document, now)
+    if sets_expiry:
+        changes["expires_at"] = expires_at
+    return changes
+
+
+def _limit_changes(document: dict[str, Any]) -> dict[str, Any]:
+    """What keys and teams both have, as ``document`` sets it, checked: limits, budget and
+    its period, model list, metadata."""
+    changes: dict[str, Any] = {}
     for name in ("rpm", "tpm"):
         if name in document:
             changes[name] = _count(name, document[name])
@@ -248,9 +259,6 @@ def _key_changes(cursor: Cursor, document: Any, now: float, creating: bool) -> d
         changes["models"] = _models("models", document["models"])
     if "metadata" in document:
         changes["metadata_json"] = _metadata("metadata", document["metadata"])
-    sets_expiry, expires_at = _expiry(document, now)
-    if sets_expiry:
-        changes["expires_at"] = expires_at
     return changes
 
 
@@ -261,17 +269,7 @@ def _team_changes(document: Any, creating: bool) -> dict[str, Any]:
         if "name" not in document:
             raise InvalidInputError("name is required", "name")
         changes["name"] = _text("name", document["name"], 100)
-    for name in ("rpm", "tpm"):
-        if name in document:
-            changes[name] = _count(name, document[name])
-    if "budget_usd" in document:
-        changes["budget_usd"] = _dollars("budget_usd", document["budget_usd"])
-    if "budget_period" in document:
-        changes["budget_period"] = _period("budget_period", document["budget_period"])
-    if "models" in document:
-        changes["models"] = _models("models", document["models"])
-    if "metadata" in document:
-        changes["metadata_json"] = _metadata("metadata", document["metadata"])
+    changes.update(_limit_changes(document))
     return changes
 
 

@@ -11,7 +11,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.web.server import NOT_DONE_YET, Request
 
-from mpcapi.http.streaming import error_event
+from mpcapi.openai.events import CHAT_EVENTS
 from tests.support.gateway import CHAT, Harness, answer, json_body, make_harness
 
 STREAM = {**CHAT, "stream": True}
@@ -97,7 +97,9 @@ async def test_upstream_closing_without_done_ends_with_an_error_event(harness: H
     await done
     body = b"".join(chunks)
     assert body.startswith(event(0) + event(1))
-    assert body.endswith(error_event("LiteLLM closed the stream without [DONE]", "upstream_error"))
+    assert body.endswith(
+        CHAT_EVENTS.error_event("LiteLLM closed the stream without [DONE]", "upstream_error")
+    )
 
 
 @pytest_twisted.ensureDeferred
@@ -121,7 +123,7 @@ async def test_silence_longer_than_the_timeout_ends_the_stream() -> None:
     step(harness, 0.2)
     await done
     body = b"".join(chunks)
-    assert body == event(0) + error_event("LiteLLM sent nothing for 5 s", "timeout")
+    assert body == event(0) + CHAT_EVENTS.error_event("LiteLLM sent nothing for 5 s", "timeout")
 
 
 @pytest_twisted.ensureDeferred
@@ -155,7 +157,7 @@ async def test_embeddings_never_stream(harness: Harness) -> None:
 
 
 def test_error_event_is_one_sse_event() -> None:
-    raw = error_event("boom", "upstream_error")
+    raw = CHAT_EVENTS.error_event("boom", "upstream_error")
     assert raw.startswith(b"data: ") and raw.endswith(b"\n\n") and raw.count(b"\n\n") == 1
     assert json.loads(raw[6:]) == {"error": {"message": "boom", "type": "upstream_error"}}
 
