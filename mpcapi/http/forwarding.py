@@ -103,8 +103,8 @@ class Forwarding:
                 call.path += "?" + query.decode("latin-1")
             call.fixed = False
         if route.body == "none":
-            if arguments and "model_id" in arguments:  # GET /models/{id}: a hidden one is 403
-                exchange.model = arguments["model_id"]
+            if arguments and route.model_argument:  # GET /models/{id}: a hidden one is 403
+                exchange.model = arguments[route.model_argument]
                 self.admission.check_model(exchange, exchange.model)
             return await self._forward(request, call, None)
         if route.body == "multipart":
@@ -199,7 +199,7 @@ class Forwarding:
             exchange.usage = route.usage(answer, costs[0] if costs else None)
         if code == 200 and call.owner is not None and route.stored is not None:
             answer = await self._ownership_of_answer(route.stored, answer, call.owner)
-        if code == 200 and route.path == "/models":  # only the models the key may call
+        if code == 200 and route.lists_models:  # only the models the key may call
             answer = self.admission.visible_models(exchange, answer)
         if self.keep_bodies:
             exchange.response_body = answer

@@ -72,6 +72,8 @@ class Route:
     anthropic: bool = False  # our own errors in Anthropic's shape; x-api-key accepted
     headers: tuple[bytes, ...] = ()  # request headers passed on to LiteLLM
     stored: Stored | None = None
+    model_argument: str | None = None  # the URL argument that names a model (model access)
+    lists_models: bool = False  # its answer lists models: cut to those the key may call
     # The operation as logs, metrics and the ledger name it: the path, ids as {name}.
     label: str = attrs.field(init=False)
 
@@ -103,8 +105,14 @@ _ANTHROPIC = {"prefixes": ANTHROPIC_PREFIXES, "anthropic": True}
 _ANTHROPIC_HEADERS = (b"anthropic-version", b"anthropic-beta")
 
 ROUTES = (
-    Route("/models", "models", "List models", method="GET"),
-    Route("/models/<path:model_id>", "model", "Describe a model", method="GET"),
+    Route("/models", "models", "List models", method="GET", lists_models=True),
+    Route(
+        "/models/<path:model_id>",
+        "model",
+        "Describe a model",
+        method="GET",
+        model_argument="model_id",
+    ),
     _json(
         "/chat/completions",
         "chat_completions",
