@@ -43,13 +43,21 @@ from common import (
 
 CHAT_UNIQUE_LUA = BENCH / "chat_unique.lua"  # a new question every request: cache misses
 NGINX = "/usr/sbin/nginx"
-TARGETS = ("floor", "reference", "mpcapi")
+TARGETS = ("floor", "reference", "framework", "mpcapi")
 TARGET_PATHS = {
     "floor": "/chat/completions",
     "reference": "/api/chat/completions",
+    "framework": "/api/chat/completions",
     "mpcapi": "/api/chat/completions",
 }
-LABELS = {"floor": "floor (nginx)", "reference": "reference proxy", "mpcapi": "MPC-API"}
+LABELS = {
+    "floor": "floor (nginx)",
+    "reference": "reference proxy",
+    "framework": "Klein + treq proxy",
+    "mpcapi": "MPC-API",
+}
+# The two minimal proxies: plain Twisted, and Klein + treq (the frameworks MPC-API is built on).
+PROXY_SCRIPTS = {"reference": "reference_proxy.py", "framework": "framework_proxy.py"}
 
 
 # --------------------------------------------------------------------------- the three targets
@@ -71,17 +79,22 @@ def start_floor(sup: Supervisor) -> Proc:
 
 
 def start_reference(
-    sup: Supervisor, upstream: int, wrapper: Sequence[str] = (), ready_timeout: float = 30.0
+    sup: Supervisor,
+    upstream: int,
+    wrapper: Sequence[str] = (),
+    ready_timeout: float = 30.0,
+    target: str = "reference",
 ) -> Proc:
+    """One of the minimal proxies (``PROXY_SCRIPTS``) in front of the upstream on ``upstream``."""
     port = free_port()
     argv = [
         *wrapper,
         str(VENV_BIN / "python"),
-        str(BENCH / "reference_proxy.py"),
+        str(BENCH / PROXY_SCRIPTS[target]),
         f"--port={port}",
         f"--upstream=http://127.0.0.1:{upstream}",
     ]
-    proc = sup.start("reference", argv, port)
+    proc = sup.start(target, argv, port)
     wait_ready(proc, f"http://127.0.0.1:{port}/api/models", ready_timeout)
     smoke_test(proc, f"http://127.0.0.1:{port}/api/chat/completions")
     return proc
@@ -157,8 +170,9 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
 def throughput(args: argparse.Namespace, sup: Supervisor) -> int:
     floor = start_floor(sup)
     procs = {"floor": floor}
-    if "reference" in args.targets:
-        procs["reference"] = start_reference(sup, floor.port)
+    for proxy in PROXY_SCRIPTS:
+        if proxy in args.targets:
+            procs[proxy] = start_reference(sup, floor.port, target=proxy)
     if "mpcapi" in args.targets:
         procs["mpcapi"] = start_mpcapi(sup, floor.port, args.workers, args.env)
 
@@ -196,7 +210,13 @@ def throughput(args: argparse.Namespace, sup: Supervisor) -> int:
 
     by = {(r["target"], r["connections"]): r for r in rows}
     ratios: dict[str, dict[str, float]] = {}
-    pairs = [("mpcapi", "reference"), ("mpcapi", "floor"), ("reference", "floor")]
+    pairs = [
+        ("mpcapi", "reference"),
+        ("mpcapi", "framework"),
+        ("framework", "reference"),
+        ("mpcapi", "floor"),
+        ("reference", "floor"),
+    ]
     for a, b in pairs:
         values = {
             str(c): by[(a, c)]["rps"] / by[(b, c)]["rps"]
@@ -588,19 +608,25 @@ def instructions(args: argparse.Namespace, sup: Supervisor) -> int:
     floor = start_floor(sup)
     off = {**args.env, "MPCAPI_USAGE_LEDGER": "false"}
     redis = {**off, **policy_env("redis", args.redis_url)}
-    targets: list[tuple[str, dict[str, str] | None]] = [
-        ("reference", None),
-        ("mpcapi (ledger off)", off),
-        ("mpcapi", dict(args.env)),
-        ("mpcapi (memory policy)", {**off, **policy_env("memory", args.redis_url)}),
-        ("mpcapi (Redis policy)", redis),
+    targets: list[tuple[str, str, dict[str, str] | None]] = [
+        ("reference", "reference", None),
+        ("framework", "framework", None),
+        ("off", "mpcapi (ledger off)", off),
+        ("mpcapi", "mpcapi", dict(args.env)),
+        ("memory", "mpcapi (memory policy)", {**off, **policy_env("memory", args.redis_url)}),
+        ("redis", "mpcapi (Redis policy)", redis),
     ]
+    unknown = set(args.instruction_targets) - {key for key, _, _ in targets}
+    if unknown:
+        raise BenchError(f"unknown --instruction-targets: {', '.join(sorted(unknown))}")
     rows: list[dict[str, Any]] = []
-    for label, env in targets:
+    for key, label, env in targets:
+        if key not in args.instruction_targets:
+            continue
         dumps = sup.tmp / f"callgrind-{len(rows)}"
         wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={dumps}.%p"]
         if env is None:
-            proc = start_reference(sup, floor.port, wrapper, ready_timeout=180)
+            proc = start_reference(sup, floor.port, wrapper, ready_timeout=180, target=label)
         else:
             name = f"mpcapi-{len(rows)}"
             proc = start_mpcapi(sup, floor.port, 1, env, name, wrapper, ready_timeout=180)
@@ -624,14 +650,19 @@ def instructions(args: argparse.Namespace, sup: Supervisor) -> int:
             f"  {row['instructions_per_request'] / 1e6:6.2f} M instructions per request",
             flush=True,
         )
-    clean_redis(args.redis_url, redis["MPCAPI_REDIS_PREFIX"])
+    if "redis" in args.instruction_targets:
+        clean_redis(args.redis_url, redis["MPCAPI_REDIS_PREFIX"])
     per_request = {row["target"]: row["instructions_per_request"] for row in rows}
-    ratios = {
-        f"reference / {row['target']}": per_request["reference"] / row["instructions_per_request"]
-        for row in rows[1:]
-    }
-    for name in ("mpcapi", "mpcapi (memory policy)", "mpcapi (Redis policy)"):
-        ratios[f"ledger off / {name}"] = per_request["mpcapi (ledger off)"] / per_request[name]
+    ratios: dict[str, float] = {}
+    pairs = [("reference", row["target"]) for row in rows if row["target"] != "reference"]
+    pairs += [("framework", "mpcapi (ledger off)"), ("framework", "mpcapi")]
+    pairs += [
+        ("mpcapi (ledger off)", name)
+        for name in ("mpcapi", "mpcapi (memory policy)", "mpcapi (Redis policy)")
+    ]
+    for a, b in pairs:
+        if a in per_request and b in per_request:
+            ratios[f"{a} / {b}"] = per_request[a] / per_request[b]
     print("\ninstruction ratios (a / b: the share of a's speed that b keeps; 1.0 = as cheap):")
     for name, value in ratios.items():
         print(f"  {name}: {value:.2f}")
@@ -679,7 +710,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (10)")
     p.add_argument("--quick", action="store_true", help="3 s runs, 1 s warm-up: a sanity check")
     p.add_argument("--connections", default="1,32,256", help="comma-separated (1,32,256)")
-    p.add_argument("--targets", default=",".join(TARGETS), help="subset of floor,reference,mpcapi")
+    p.add_argument(
+        "--targets", default=",".join(TARGETS), help="subset of floor,reference,framework,mpcapi"
+    )
     p.add_argument("--workers", type=int, help="passed to MPC-API as MPCAPI_WORKERS")
     p.add_argument("--memory", action="store_true", help="memory growth mode instead")
     p.add_argument("--requests", type=int, default=100_000, help="memory mode: total (100000)")
@@ -710,6 +743,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="instructions per request under valgrind's callgrind: reference vs MPC-API",
     )
     p.add_argument(
+        "--instruction-targets",
+        default="reference,framework,off,mpcapi,memory,redis",
+        help="instruction mode: which of reference,framework,off,mpcapi,memory,redis to count",
+    )
+    p.add_argument(
         "--otel",
         action="store_true",
         help="OpenTelemetry tracing on (exporting to the nginx stand-in) vs off",
@@ -735,6 +773,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.duration, args.warmup = 3.0, 1.0
     args.connections = [int(c) for c in args.connections.split(",") if c.strip()]
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    args.instruction_targets = [t.strip() for t in args.instruction_targets.split(",") if t.strip()]
     unknown = set(args.targets) - set(TARGETS)
     if unknown:
         p.error(f"unknown targets: {', '.join(sorted(unknown))}")

@@ -409,8 +409,14 @@ def listen_backlog(port: int) -> int | None:
         return None
 
 
-async def open_phase(args: argparse.Namespace, client: Client, targets: Targets) -> dict[str, Any]:
+async def open_phase(
+    args: argparse.Namespace, client: Client, targets: Targets, target: str = "mpcapi"
+) -> dict[str, Any]:
+    """``args.open_streams`` streams open together, through MPC-API (``target`` "mpcapi") or
+    straight to the stand-in ("direct": what the client and the stand-in cost at this scale
+    by themselves, to subtract). MPC-API's memory and CPU are sampled either way."""
     n, pid = args.open_streams, targets.mpcapi_pid
+    url = targets.mpcapi if target == "mpcapi" else targets.direct
     stats_url = targets.control + b"/stats"
     await client.json(b"POST", stats_url)  # peaks := now
     before = proc_status(pid)
@@ -445,8 +451,8 @@ async def open_phase(args: argparse.Namespace, client: Client, targets: Targets)
     streams = await gather(
         [
             client.stream(
-                "mpcapi",
-                targets.mpcapi,
+                target,
+                url,
                 args.open_events,
                 args.open_interval_ms,
                 counter,
@@ -487,9 +493,10 @@ async def open_phase(args: argparse.Namespace, client: Client, targets: Targets)
         if int(after_stats.get(key, 0)) < n:
             failed.append(
                 f"the stand-in saw at most {after_stats.get(key)} concurrent {what} from"
-                f" MPC-API, not {n}"
+                f" {'MPC-API' if target == 'mpcapi' else 'the client'}, not {n}"
             )
     return {
+        "target": target,
         "streams": n,
         "events": args.open_events,
         "interval_ms": args.open_interval_ms,
@@ -543,13 +550,36 @@ async def measure(args: argparse.Namespace, targets: Targets) -> dict[str, Any]:
         )
         result["latency"] = await latency_phase(args, client, targets)
     if args.open_streams > 0:
+        if args.open_direct:
+            print(
+                f"== open streams: {args.open_streams} straight to the stand-in (the client's"
+                f" and stand-in's own share), {args.open_events} events every"
+                f" {args.open_interval_ms:g} ms, opened over {args.ramp:g} s",
+                flush=True,
+            )
+            result["open_direct"] = await open_phase(args, client, targets, "direct")
+            await deferLater(reactor, 2.0, lambda: None)  # let the sockets of the pass close
         print(
             f"== open streams: {args.open_streams} through MPC-API, {args.open_events} events"
             f" every {args.open_interval_ms:g} ms, opened over {args.ramp:g} s",
             flush=True,
         )
         result["open"] = await open_phase(args, client, targets)
+        if "open_direct" in result:
+            result["open_added"] = open_added(result["open_direct"], result["open"])
     return result
+
+
+def open_added(direct: dict[str, Any], through: dict[str, Any]) -> dict[str, float]:
+    """Per-event latency MPC-API added at scale: through MPC-API minus straight to the
+    stand-in, the same streams, the whole phase and while all were open."""
+    added: dict[str, float] = {}
+    for phase in ("event_latency", "event_latency_all_open"):
+        for q in ("p50_ms", "p99_ms"):
+            a, b = through[phase].get(q), direct[phase].get(q)
+            if a is not None and b is not None:
+                added[f"{phase}_{q}"] = a - b
+    return added
 
 
 # --------------------------------------------------------------------------- processes
@@ -571,9 +601,10 @@ def all_errors(data: dict[str, Any]) -> list[str]:
     errors += [f"warm-up: {e}" for e in latency.get("warmup_errors", [])]
     for target in ("direct", "mpcapi"):
         errors += [f"latency: {e}" for e in latency.get(target, {}).get("errors", [])]
-    opened = data.get("open", {})
-    errors += [f"open streams: {e}" for e in opened.get("errors", [])]
-    errors += [f"open streams check: {e}" for e in opened.get("failed_checks", [])]
+    for key, what in (("open_direct", "open streams, direct"), ("open", "open streams")):
+        opened = data.get(key, {})
+        errors += [f"{what}: {e}" for e in opened.get("errors", [])]
+        errors += [f"{what} check: {e}" for e in opened.get("failed_checks", [])]
     errors += [f"MPC-API log: {e}" for e in data["mpcapi_log"]["problems"]]
     errors += [f"stand-in log: {e}" for e in data["standin_log_problems"]]
     return errors
@@ -750,6 +781,25 @@ def print_report(data: dict[str, Any]) -> None:
             f" while all {n:,} were open: p50 {fmt_ms(st.get('p50_ms'))}"
             f" p99 {fmt_ms(st.get('p99_ms'))} max {fmt_ms(st.get('max_ms'))}"
         )
+        direct, added = data.get("open_direct"), data.get("open_added")
+        if direct is not None and added is not None:
+            dev, dst = direct["event_latency"], direct["event_latency_all_open"]
+            print(
+                f"  the same {n:,} streams straight to the stand-in: whole phase p50"
+                f" {fmt_ms(dev.get('p50_ms'))} p99 {fmt_ms(dev.get('p99_ms'))}; while all were"
+                f" open: p50 {fmt_ms(dst.get('p50_ms'))} p99 {fmt_ms(dst.get('p99_ms'))}"
+                f" ({direct['completed']:,} completed, peak {direct['peak_open_at_client']:,}"
+                " open)"
+            )
+            added_p99 = added.get("event_latency_all_open_p99_ms")
+            verdict = "met" if added_p99 is not None and added_p99 <= 5 else "NOT met"
+            print(
+                "  added by MPC-API per event: whole phase p50"
+                f" {fmt_ms(added.get('event_latency_p50_ms'), True)} p99"
+                f" {fmt_ms(added.get('event_latency_p99_ms'), True)}; while all were open: p50"
+                f" {fmt_ms(added.get('event_latency_all_open_p50_ms'), True)} p99"
+                f" {fmt_ms(added_p99, True)} (target <= 5 ms: {verdict})"
+            )
         print(
             f"  TTFB while opening them: p50 {fmt_ms(tt.get('p50_ms'))}"
             f" p99 {fmt_ms(tt.get('p99_ms'))} max {fmt_ms(tt.get('max_ms'))};"
@@ -807,6 +857,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--open-events", type=int, default=30, help="open phase: events each (30)")
     p.add_argument("--open-interval-ms", type=float, default=1000.0, help="open phase (1000)")
     p.add_argument("--ramp", type=float, default=2.0, help="open phase: seconds to open all (2)")
+    p.add_argument(
+        "--no-open-direct",
+        dest="open_direct",
+        action="store_false",
+        help="open phase: skip the pass straight to the stand-in (what MPC-API added is then"
+        " not measured)",
+    )
     p.add_argument("--sample-interval", type=float, default=0.25, help="memory sampling (0.25 s)")
     p.add_argument("--max-seconds", type=float, default=160.0, help="give up after (160)")
     p.add_argument("--keep-tmp", action="store_true", help="keep the process logs")

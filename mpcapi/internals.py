@@ -12,13 +12,16 @@ from typing import Any
 
 from twisted.internet.interfaces import IProtocol
 from twisted.web import http, server
+from twisted.web._newclient import Request as _ClientRequest
+from twisted.web._newclient import _ensureValidURI
 from twisted.web.client import (
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     _HTTP11ClientFactory,
     _StandardEndpointFactory,
 )
-from twisted.web.iweb import IAgentEndpointFactory
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 
 # --- the LiteLLM client (twisted.web.client) ----------------------------------------------------
 
@@ -42,6 +45,24 @@ def standard_endpoints(reactor: Any, connect_timeout: float) -> IAgentEndpointFa
         reactor, BrowserLikePolicyForHTTPS(), connect_timeout, None
     )
     return factory
+
+
+def checked_uri(uri: bytes) -> bytes:
+    """``uri``, if it is one ``Agent`` would send (no whitespace or control characters);
+    ``ValueError`` otherwise, as ``Agent.request`` raises."""
+    checked: bytes = _ensureValidURI(uri.strip())
+    return checked
+
+
+def client_request(
+    method: bytes,
+    path: bytes,
+    headers: Headers,
+    body: IBodyProducer | None,
+    persistent: bool,
+) -> Any:
+    """The request ``Agent`` hands a pooled connection (``HTTP11ClientProtocol.request``)."""
+    return _ClientRequest._construct(method, path, headers, body, persistent=persistent)
 
 
 # --- the HTTP server (twisted.web.http, twisted.web.server) -------------------------------------
@@ -115,6 +136,8 @@ __all__ = [
     "HookedChannel",
     "HookedRequest",
     "channel_of",
+    "checked_uri",
+    "client_request",
     "forget_exit_signal",
     "negotiating_protocol",
     "quiet_pool",

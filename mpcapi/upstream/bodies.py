@@ -13,7 +13,6 @@ from twisted.internet.interfaces import (
     ITransport,
 )
 from twisted.internet.protocol import Protocol
-from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
 from twisted.web.client import PotentialDataLoss, ResponseDone
 from twisted.web.iweb import IResponse
@@ -23,18 +22,43 @@ from mpcapi.errors import bad_gateway, gateway_timeout
 from mpcapi.upstream.balancer import Upstream
 
 
-class CountedResponse(proxyForInterface(IResponse, "_response")):  # type: ignore[misc]
+@implementer(IResponse)
+class CountedResponse:
     """LiteLLM's response, counted in its instance's ``in_flight`` until its body ends;
-    ``upstream`` is the instance that sent it."""
+    ``upstream`` is the instance that sent it. (Its fields are copied, not proxied: treq's
+    response is a proxy already, and every field is read a few times per request.)"""
+
+    __slots__ = (
+        "_response",
+        "code",
+        "headers",
+        "length",
+        "phrase",
+        "previousResponse",
+        "request",
+        "upstream",
+        "version",
+    )
 
     def __init__(self, response: IResponse, upstream: Upstream | None) -> None:
         self._response = response
         self.upstream = upstream
+        self.version = response.version
+        self.code = response.code
+        self.phrase = response.phrase
+        self.headers = response.headers
+        self.length = response.length
+        self.request = response.request
+        self.previousResponse = response.previousResponse
 
     def deliverBody(self, protocol: IProtocol) -> None:
         if self.upstream is not None:
             protocol = _CountedBody(protocol, self.upstream)
         self._response.deliverBody(protocol)
+
+    def setPreviousResponse(self, response: IResponse) -> None:
+        self._response.setPreviousResponse(response)
+        self.previousResponse = response
 
 
 @implementer(IProtocol)

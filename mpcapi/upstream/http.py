@@ -1,4 +1,4 @@
-"""treq over our own connection pool: persistent connections, one endpoint per LiteLLM host,
+"""treq over our own connection pool and agent: persistent connections, each URL parsed once,
 URLs in wire form, no cookies, bodies written at once."""
 
 from __future__ import annotations
@@ -9,13 +9,15 @@ from typing import Any
 import treq
 from hyperlink import EncodedURL
 from twisted.internet import defer
+from twisted.internet.abstract import isIPv6Address
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.web.client import URI, Agent, HTTPConnectionPool
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
+from twisted.web.client import URI, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from mpcapi.config.settings import Settings
-from mpcapi.internals import quiet_pool, standard_endpoints
+from mpcapi.internals import checked_uri, client_request, quiet_pool, standard_endpoints
 
 
 @implementer(IBodyProducer)
@@ -59,26 +61,78 @@ def make_pool(reactor: Any, settings: Settings) -> HTTPConnectionPool:
     return quiet_pool(pool)
 
 
-@implementer(IAgentEndpointFactory)
-class _ReusedEndpoints:
-    """One endpoint per upstream host: Agent would build (and IDNA-encode) one per request."""
+class _Target:
+    """What ``PooledAgent`` keeps of one URL: the pool's key, the endpoint, the path it
+    asks for and the Host header."""
 
-    def __init__(self, reactor: Any, connect_timeout: float) -> None:
-        self._standard = standard_endpoints(reactor, connect_timeout)
-        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+    __slots__ = ("endpoint", "host", "key", "path")
 
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._endpoints.get(key)
+    def __init__(self, uri: URI, endpoint: IStreamClientEndpoint) -> None:
+        self.key = (uri.scheme, uri.host, uri.port)
+        self.endpoint = endpoint
+        self.path = uri.originForm
+        default_port = (uri.scheme, uri.port) in ((b"http", 80), (b"https", 443))
+        host = b"[" + uri.host + b"]" if isIPv6Address(uri.host.decode("ascii")) else uri.host
+        self.host = host if default_port else b"%b:%d" % (host, uri.port)
+
+
+@implementer(IAgent)
+class PooledAgent:
+    """``Agent.request`` over the pool, remembering each URL: ``Agent`` parses the URL,
+    builds (and IDNA-encodes) an endpoint, copies the headers and works out the Host
+    header on every request, some 3 % of a forwarded request's time. URLs with ids or a
+    query in them are not kept past ``MAX_TARGETS``."""
+
+    MAX_TARGETS = 512
+
+    def __init__(self, pool: HTTPConnectionPool, endpoints: IAgentEndpointFactory) -> None:
+        self._pool = pool
+        self._endpoints = endpoints
+        self._by_endpoint: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+        self._targets: dict[bytes, _Target] = {}
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> defer.Deferred[IResponse]:
+        target = self._targets.get(uri)
+        if target is None:
+            try:
+                target = self._target(uri)
+            except Exception:
+                return defer.fail()
+        # Every caller's headers are its own copy (treq's decoder agent copies them).
+        headers = Headers() if headers is None else headers
+        if not headers.hasHeader(b"host"):
+            headers.addRawHeader(b"host", target.host)
+        persistent = self._pool.persistent
+
+        def connected(protocol: Any) -> defer.Deferred[IResponse]:
+            request = client_request(method, target.path, headers, bodyProducer, persistent)
+            response: defer.Deferred[IResponse] = protocol.request(request)
+            return response
+
+        return self._pool.getConnection(target.key, target.endpoint).addCallback(connected)
+
+    def _target(self, uri: bytes) -> _Target:
+        parsed = URI.fromBytes(checked_uri(uri))
+        key = (parsed.scheme, parsed.host, parsed.port)
+        endpoint = self._by_endpoint.get(key)
         if endpoint is None:
-            endpoint = self._endpoints[key] = self._standard.endpointForURI(uri)
-        return endpoint
+            endpoint = self._by_endpoint[key] = self._endpoints.endpointForURI(parsed)
+        target = _Target(parsed, endpoint)
+        if len(self._targets) >= self.MAX_TARGETS:
+            self._targets.clear()
+        self._targets[uri] = target
+        return target
 
 
 def make_http_client(reactor: Any, pool: HTTPConnectionPool, settings: Settings) -> Any:
     """treq's HTTPClient on our pool; cookies refused, so no state leaks between clients."""
-    endpoints = _ReusedEndpoints(reactor, settings.connect_timeout)
-    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
+    agent = PooledAgent(pool, standard_endpoints(reactor, settings.connect_timeout))
     jar: Any = NO_COOKIES  # treq's type names its own jar class; any CookieJar works
     return treq.client.HTTPClient(agent, cookiejar=jar, data_to_body_producer=body_producer)
 
@@ -122,6 +176,7 @@ NO_COOKIES = _NoCookies()
 __all__ = [
     "NO_COOKIES",
     "BytesProducer",
+    "PooledAgent",
     "WireURL",
     "body_producer",
     "make_http_client",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import txredisapi
 from twisted.internet import reactor
 from twisted.internet.task import Clock
@@ -13,6 +14,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.web import http, server
 from twisted.web.client import URI, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.test.requesthelper import DummyChannel
 
@@ -20,6 +22,8 @@ from mpcapi.internals import (
     HookedChannel,
     HookedRequest,
     channel_of,
+    checked_uri,
+    client_request,
     forget_exit_signal,
     negotiating_protocol,
     quiet_pool,
@@ -123,3 +127,23 @@ def test_a_lazy_redis_pool_tells_how_many_connections_it_made() -> None:
         assert redis_pool_size(object()) == 1  # anything else: assume connected
     finally:
         globalLogPublisher.removeObserver(events.append)
+
+
+def test_agents_uri_check_refuses_control_characters() -> None:
+    assert checked_uri(b" http://127.0.0.1:4000/models ") == b"http://127.0.0.1:4000/models"
+    with pytest.raises(ValueError):
+        checked_uri(b"http://127.0.0.1:4000/files/a\r\nx: y")
+
+
+def test_the_client_request_agent_hands_a_connection() -> None:
+    headers = Headers({b"host": [b"litellm"]})
+    request = client_request(b"POST", b"/chat/completions", headers, None, True)
+    assert (request.method, request.uri, request.persistent) == (
+        b"POST",
+        b"/chat/completions",
+        True,
+    )
+    assert request.headers is headers and request.bodyProducer is None
+    transport = StringTransport()
+    request.writeTo(transport)
+    assert transport.value().startswith(b"POST /chat/completions HTTP/1.1\r\n")
