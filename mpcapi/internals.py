@@ -14,14 +14,9 @@ from twisted.internet.interfaces import IProtocol
 from twisted.web import http, server
 from twisted.web._newclient import Request as _ClientRequest
 from twisted.web._newclient import _ensureValidURI
-from twisted.web.client import (
-    BrowserLikePolicyForHTTPS,
-    HTTPConnectionPool,
-    _HTTP11ClientFactory,
-    _StandardEndpointFactory,
-)
+from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
+from twisted.web.iweb import IBodyProducer
 
 # --- the LiteLLM client (twisted.web.client) ----------------------------------------------------
 
@@ -36,15 +31,6 @@ def quiet_pool(pool: HTTPConnectionPool) -> HTTPConnectionPool:
     """``pool``, making its connections with a factory that does not log each one."""
     pool._factory = _QuietClientFactory
     return pool
-
-
-def standard_endpoints(reactor: Any, connect_timeout: float) -> IAgentEndpointFactory:
-    """The endpoint factory ``Agent`` makes for itself (TCP, TLS with the browser-like
-    policy), to wrap in one that keeps an endpoint per host."""
-    factory: IAgentEndpointFactory = _StandardEndpointFactory(
-        reactor, BrowserLikePolicyForHTTPS(), connect_timeout, None
-    )
-    return factory
 
 
 def checked_uri(uri: bytes) -> bytes:
@@ -142,5 +128,4 @@ __all__ = [
     "negotiating_protocol",
     "quiet_pool",
     "redis_pool_size",
-    "standard_endpoints",
 ]

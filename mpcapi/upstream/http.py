@@ -9,15 +9,28 @@ from typing import Any
 import treq
 from hyperlink import EncodedURL
 from twisted.internet import defer
-from twisted.internet.abstract import isIPv6Address
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.web.client import URI, HTTPConnectionPool
+from twisted.web.client import URI, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
+from twisted.web.iweb import (
+    IAgent,
+    IAgentEndpointFactory,
+    IBodyProducer,
+    IPolicyForHTTPS,
+    IResponse,
+)
 from zope.interface import implementer
 
 from mpcapi.config.settings import Settings
-from mpcapi.internals import checked_uri, client_request, quiet_pool, standard_endpoints
+from mpcapi.internals import checked_uri, client_request, quiet_pool
 
 
 @implementer(IBodyProducer)
@@ -130,9 +143,43 @@ class PooledAgent:
         return target
 
 
+@implementer(IAgentEndpointFactory)
+class UpstreamEndpoints:
+    """Where ``Agent`` connects, as its own factory does (TCP for http, TLS with the
+    browser-like policy for https), but an IP address is connected to straight:
+    ``HostnameEndpoint`` resolves even a literal address in a thread, and defines a class on
+    every connect, some 0.4 ms per new connection that 1,000 streams opened together each
+    pay. A host name still goes through ``HostnameEndpoint`` (resolution, IPv4 and IPv6)."""
+
+    def __init__(
+        self, reactor: Any, connect_timeout: float, tls: IPolicyForHTTPS | None = None
+    ) -> None:
+        self._reactor = reactor
+        self._timeout = connect_timeout
+        self._tls = tls if tls is not None else BrowserLikePolicyForHTTPS()
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        try:
+            host = uri.host.decode("ascii")
+        except UnicodeDecodeError:
+            raise ValueError(f"the host of {uri.toBytes()!r} is not ASCII") from None
+        endpoint: IStreamClientEndpoint
+        if isIPAddress(host):
+            endpoint = TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        elif isIPv6Address(host):
+            endpoint = TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        else:
+            endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        if uri.scheme == b"http":
+            return endpoint
+        if uri.scheme == b"https":
+            return wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
+        raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
+
+
 def make_http_client(reactor: Any, pool: HTTPConnectionPool, settings: Settings) -> Any:
     """treq's HTTPClient on our pool; cookies refused, so no state leaks between clients."""
-    agent = PooledAgent(pool, standard_endpoints(reactor, settings.connect_timeout))
+    agent = PooledAgent(pool, UpstreamEndpoints(reactor, settings.connect_timeout))
     jar: Any = NO_COOKIES  # treq's type names its own jar class; any CookieJar works
     return treq.client.HTTPClient(agent, cookiejar=jar, data_to_body_producer=body_producer)
 
@@ -177,6 +224,7 @@ __all__ = [
     "NO_COOKIES",
     "BytesProducer",
     "PooledAgent",
+    "UpstreamEndpoints",
     "WireURL",
     "body_producer",
     "make_http_client",

@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.web import http, server
-from twisted.web.client import URI, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.test.requesthelper import DummyChannel
@@ -28,7 +28,6 @@ from mpcapi.internals import (
     negotiating_protocol,
     quiet_pool,
     redis_pool_size,
-    standard_endpoints,
 )
 
 
@@ -38,12 +37,6 @@ def test_a_pool_builds_its_connections_with_its_factory_attribute() -> None:
     quieted = quiet_pool(pool)._factory
     assert issubclass(quieted, _HTTP11ClientFactory)
     assert quieted.noisy is False
-
-
-def test_the_standard_endpoint_factory_makes_tcp_endpoints() -> None:
-    endpoints = standard_endpoints(reactor, 3.0)
-    endpoint = endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:4000/models"))
-    assert hasattr(endpoint, "connect")
 
 
 class _Recorded(HookedChannel):
