@@ -865,7 +865,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         " not measured)",
     )
     p.add_argument("--sample-interval", type=float, default=0.25, help="memory sampling (0.25 s)")
-    p.add_argument("--max-seconds", type=float, default=160.0, help="give up after (160)")
+    p.add_argument("--max-seconds", type=float, default=240.0, help="give up after (240)")
     p.add_argument("--keep-tmp", action="store_true", help="keep the process logs")
     args = p.parse_args(argv)
     if args.quick:

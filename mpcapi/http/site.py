@@ -176,6 +176,15 @@ class GatewayChannel(HookedChannel):
     """Twisted's HTTP/1.1 connection; a request that is not valid HTTP (request line,
     header block, chunked framing, ``Content-Length``) gets a 400 in our error shape."""
 
+    _secure: bool | None = None
+
+    def isSecure(self) -> bool:
+        """Whether the connection is TLS: asked once per connection, not twice per request
+        (Klein and Twisted each ask, and each asking is an adapter lookup)."""
+        if self._secure is None:
+            self._secure = super().isSecure()
+        return self._secure
+
     def bad_request(self) -> None:
         # Twisted's own: a bare "400 Bad Request", no body, no request id.
         self._refuse(bad_request("the request is not valid HTTP/1.1"))

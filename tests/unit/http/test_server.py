@@ -484,3 +484,23 @@ async def test_a_finished_request_keeps_nothing_it_needed_only_for_its_answer(
             assert request.code == 200  # what the logs read stays
     finally:
         gc.enable()
+
+
+def test_a_channel_asks_whether_it_is_tls_once_and_answers_for_its_transport() -> None:
+    from twisted.internet.interfaces import ISSLTransport
+    from twisted.internet.testing import StringTransport
+    from zope.interface import directlyProvides
+
+    from mpcapi.http.site import GatewayChannel
+
+    plain = GatewayChannel()
+    plain.transport = StringTransport()
+    assert plain.isSecure() is False and plain.isSecure() is False
+
+    tls_transport = StringTransport()
+    directlyProvides(tls_transport, ISSLTransport)
+    secure = GatewayChannel()
+    secure.transport = tls_transport
+    assert secure.isSecure() is True
+    directlyProvides(tls_transport)  # the answer is the connection's, kept
+    assert secure.isSecure() is True
