@@ -158,6 +158,7 @@ class Proc:
     port: int
     hwm_kib: dict[int, int] = field(default_factory=dict)  # pid -> highest VmHWM seen
     api_key: str | None = None  # the client key requests need (MPC-API with MPCAPI_AUTH=keys)
+    wrk_env: dict[str, str] = field(default_factory=dict)  # what its wrk scripts need besides
 
     def rss_kib(self) -> int:
         """Current resident memory of the process and its children."""
@@ -262,11 +263,16 @@ def exit_text(proc: Proc) -> str:
 
 
 def http_status(
-    url: str, body: bytes | None = None, timeout: float = 2.0, api_key: str | None = None
+    url: str,
+    body: bytes | None = None,
+    timeout: float = 2.0,
+    api_key: str | None = None,
+    extra_headers: dict[str, str] | None = None,
 ) -> tuple[int, bytes]:
     headers = {"Content-Type": "application/json"} if body is not None else {}
     if api_key is not None:
         headers["Authorization"] = f"Bearer {api_key}"
+    headers.update(extra_headers or {})
     req = urllib.request.Request(url, data=body, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -293,10 +299,12 @@ def wait_ready(proc: Proc, url: str, timeout: float = 30.0) -> None:
     raise BenchError(f"{proc.name} not ready at {url} after {timeout:.0f}s ({last})", proc)
 
 
-def smoke_test(proc: Proc, url: str) -> None:
+def smoke_test(proc: Proc, url: str, headers: dict[str, str] | None = None) -> None:
     """One real chat request before measuring: a target that answers errors is not benchmarked."""
     try:
-        status, body = http_status(url, CHAT_BODY, timeout=10.0, api_key=proc.api_key)
+        status, body = http_status(
+            url, CHAT_BODY, timeout=10.0, api_key=proc.api_key, extra_headers=headers
+        )
     except OSError as err:
         raise BenchError(f"{proc.name}: POST {url} failed: {err}", proc) from err
     if status != 200 or b'"choices"' not in body:
@@ -417,9 +425,11 @@ def run_wrk(
     script: Path = CHAT_LUA,
     timeout: float = 10.0,
     api_key: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """One wrk run; the `BENCH_JSON` line of bench/report.lua as a dict, plus `non_2xx` and
-    `threads`. With ``api_key`` the scripts send it as a bearer token (BENCH_API_KEY)."""
+    `threads`. With ``api_key`` the scripts send it as a bearer token (BENCH_API_KEY); ``env``
+    is more for the scripts to read (BENCH_PORTKEY_HOST)."""
     threads = 1 if connections < 2 else 2
     argv = [
         "wrk",
@@ -431,9 +441,14 @@ def run_wrk(
         f"--script={script}",
         url,
     ]
-    env = {**os.environ, "BENCH_API_KEY": api_key} if api_key else None
+    scripts_env = {**(env or {}), **({"BENCH_API_KEY": api_key} if api_key else {})}
     done = subprocess.run(
-        argv, capture_output=True, text=True, timeout=seconds + 60, check=False, env=env
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=False,
+        env={**os.environ, **scripts_env} if scripts_env else None,
     )
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
     if done.returncode != 0 or line is None:

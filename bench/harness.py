@@ -43,19 +43,24 @@ from common import (
 
 CHAT_UNIQUE_LUA = BENCH / "chat_unique.lua"  # a new question every request: cache misses
 NGINX = "/usr/sbin/nginx"
-TARGETS = ("floor", "reference", "framework", "mpcapi")
+TARGETS = ("floor", "reference", "framework", "portkey", "mpcapi")
 TARGET_PATHS = {
     "floor": "/chat/completions",
     "reference": "/api/chat/completions",
     "framework": "/api/chat/completions",
+    "portkey": "/v1/chat/completions",
     "mpcapi": "/api/chat/completions",
 }
+PORTKEY_VERSION = "1.15.2"  # bench/peers/package.json
 LABELS = {
     "floor": "floor (nginx)",
     "reference": "reference proxy",
     "framework": "Klein + treq proxy",
+    "portkey": f"Portkey {PORTKEY_VERSION}",
     "mpcapi": "MPC-API",
 }
+PEERS = BENCH / "peers"
+PORTKEY_SERVER = PEERS / "node_modules" / "@portkey-ai" / "gateway" / "build" / "start-server.js"
 # The two minimal proxies: plain Twisted, and Klein + treq (the frameworks MPC-API is built on).
 PROXY_SCRIPTS = {"reference": "reference_proxy.py", "framework": "framework_proxy.py"}
 
@@ -97,6 +102,42 @@ def start_reference(
     proc = sup.start(target, argv, port)
     wait_ready(proc, f"http://127.0.0.1:{port}/api/models", ready_timeout)
     smoke_test(proc, f"http://127.0.0.1:{port}/api/chat/completions")
+    return proc
+
+
+def start_portkey(sup: Supervisor, upstream: int) -> Proc | None:
+    """The Portkey AI gateway (Node), the fastest open-source peer we know, in front of the
+    same upstream: installed into bench/peers with npm on first use. None, with a note, when
+    Node.js or npm is missing or the install fails: the other targets still run."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        print("note: no node/npm here: the Portkey target is left out", flush=True)
+        return None
+    if not PORTKEY_SERVER.is_file():
+        print(f"installing the Portkey gateway {PORTKEY_VERSION} into bench/peers ...", flush=True)
+        done = subprocess.run(
+            [npm, "install", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=PEERS,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        if done.returncode != 0 or not PORTKEY_SERVER.is_file():
+            print(f"note: npm install failed, Portkey left out: {done.stderr[-500:]}", flush=True)
+            return None
+    port = free_port()
+    argv = [node, str(PORTKEY_SERVER), f"--port={port}", "--headless"]
+    env = {**os.environ, "NODE_ENV": "production"}
+    proc = sup.start("portkey", argv, port, env)
+    proc.wrk_env = {"BENCH_PORTKEY_HOST": f"http://127.0.0.1:{upstream}"}
+    wait_ready(proc, f"http://127.0.0.1:{port}/")
+    headers = {
+        "x-portkey-provider": "openai",
+        "x-portkey-custom-host": proc.wrk_env["BENCH_PORTKEY_HOST"],
+        "Authorization": "Bearer sk-bench",
+    }
+    smoke_test(proc, f"http://127.0.0.1:{port}{TARGET_PATHS['portkey']}", headers)
     return proc
 
 
@@ -173,6 +214,8 @@ def throughput(args: argparse.Namespace, sup: Supervisor) -> int:
     for proxy in PROXY_SCRIPTS:
         if proxy in args.targets:
             procs[proxy] = start_reference(sup, floor.port, target=proxy)
+    if "portkey" in args.targets and (portkey := start_portkey(sup, floor.port)) is not None:
+        procs["portkey"] = portkey
     if "mpcapi" in args.targets:
         procs["mpcapi"] = start_mpcapi(sup, floor.port, args.workers, args.env)
 
@@ -181,10 +224,10 @@ def throughput(args: argparse.Namespace, sup: Supervisor) -> int:
         proc = procs[target]
         url = f"http://127.0.0.1:{proc.port}{TARGET_PATHS[target]}"
         print(f"== {LABELS[target]}: {url}", flush=True)
-        run_wrk(url, 32, args.warmup, api_key=proc.api_key)  # warm-up, not recorded
+        run_wrk(url, 32, args.warmup, api_key=proc.api_key, env=proc.wrk_env)  # warm-up
         for conns in args.connections:
             cpu_before = cpu_seconds(proc.popen.pid)
-            result = run_wrk(url, conns, args.duration, api_key=proc.api_key)
+            result = run_wrk(url, conns, args.duration, api_key=proc.api_key, env=proc.wrk_env)
             cpu = cpu_seconds(proc.popen.pid) - cpu_before
             result.update(target=target, connections=conns, url=url)
             result["cpu_us_per_request"] = cpu / max(result["requests"], 1) * 1e6
@@ -212,6 +255,7 @@ def throughput(args: argparse.Namespace, sup: Supervisor) -> int:
     ratios: dict[str, dict[str, float]] = {}
     pairs = [
         ("mpcapi", "reference"),
+        ("mpcapi", "portkey"),
         ("mpcapi", "framework"),
         ("framework", "reference"),
         ("mpcapi", "floor"),
@@ -711,7 +755,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="3 s runs, 1 s warm-up: a sanity check")
     p.add_argument("--connections", default="1,32,256", help="comma-separated (1,32,256)")
     p.add_argument(
-        "--targets", default=",".join(TARGETS), help="subset of floor,reference,framework,mpcapi"
+        "--targets",
+        default=",".join(TARGETS),
+        help="subset of floor,reference,framework,portkey,mpcapi",
     )
     p.add_argument("--workers", type=int, help="passed to MPC-API as MPCAPI_WORKERS")
     p.add_argument("--memory", action="store_true", help="memory growth mode instead")
