@@ -1,10 +1,11 @@
-"""The start-up heap is frozen: full collections no longer walk it."""
+"""The start-up heap is frozen: full collections no longer walk it; the young generation is
+sized for requests."""
 
 from __future__ import annotations
 
 import gc
 
-from mpcapi.runtime.heap import freeze_startup_heap
+from mpcapi.runtime.heap import REQUEST_GC_THRESHOLDS, freeze_startup_heap
 
 
 def test_what_lives_at_start_up_is_frozen_and_garbage_is_not() -> None:
@@ -17,8 +18,10 @@ def test_what_lives_at_start_up_is_frozen_and_garbage_is_not() -> None:
 
     make_garbage()
     kept = Cycle()
+    thresholds = gc.get_threshold()
     try:
         freeze_startup_heap()
+        assert gc.get_threshold() == REQUEST_GC_THRESHOLDS != thresholds
         frozen = gc.get_freeze_count()
         assert frozen > 0
         assert not any(type(o) is Cycle and o is not kept for o in gc.get_objects())
@@ -32,3 +35,4 @@ def test_what_lives_at_start_up_is_frozen_and_garbage_is_not() -> None:
         assert not any(type(o) is Cycle and o is not kept for o in gc.get_objects())
     finally:
         gc.unfreeze()
+        gc.set_threshold(*thresholds)
