@@ -9,28 +9,17 @@ the floor under MPC-API that its choice of web framework and HTTP client sets.
 
 from __future__ import annotations
 
-import argparse
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
 import treq
 from klein import Klein
-from twisted.internet import reactor as _reactor
-from twisted.web import http, server
-from twisted.web.client import Agent, HTTPConnectionPool
+from reference_proxy import pool_from_arguments, reactor, serve
+from twisted.web import server
+from twisted.web.client import Agent
 
-reactor: Any = _reactor
-
-
-class _NoCookies(CookieJar):
-    def __init__(self) -> None:
-        super().__init__(policy=DefaultCookiePolicy(allowed_domains=[]))
-
-    def add_cookie_header(self, request: Any) -> None:
-        pass
-
-    def extract_cookies(self, response: Any, request: Any) -> None:
-        pass
+# The same refusing jar MPC-API gives treq: treq's default jar would build a cookie policy
+# check per request, which no proxy wants.
+from mpcapi.upstream.http import NO_COOKIES
 
 
 class Proxy:
@@ -46,7 +35,7 @@ class Proxy:
             self.upstream + path,
             data=body or None,
             headers={b"content-type": [b"application/json"]},
-            cookies=_JAR,
+            cookies=NO_COOKIES,
             allow_redirects=False,
             unbuffered=True,
         )
@@ -65,27 +54,10 @@ class Proxy:
         return self.forward(request, "/models")
 
 
-_JAR = _NoCookies()
-
-
-class QuietSite(server.Site):
-    def log(self, request: http.Request) -> None:
-        """No access log: this proxy measures the frameworks, not logging."""
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--upstream", required=True, help="e.g. http://127.0.0.1:4000")
-    parser.add_argument("--pool-size", type=int, default=256, help="idle connections kept")
-    args = parser.parse_args()
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = args.pool_size
-    client = treq.client.HTTPClient(Agent(reactor, pool=pool), cookiejar=_JAR)
-    proxy = Proxy(client, args.upstream.rstrip("/"))
-    site = QuietSite(proxy.app.resource())
-    reactor.listenTCP(args.port, site, backlog=1024, interface="127.0.0.1")
-    reactor.run()
+    args, pool = pool_from_arguments((__doc__ or "").splitlines()[0])
+    client = treq.client.HTTPClient(Agent(reactor, pool=pool), cookiejar=NO_COOKIES)
+    serve(Proxy(client, args.upstream.rstrip("/")).app.resource(), args.port)
 
 
 if __name__ == "__main__":

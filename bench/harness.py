@@ -83,7 +83,7 @@ def start_floor(sup: Supervisor) -> Proc:
     return proc
 
 
-def start_reference(
+def start_proxy(
     sup: Supervisor,
     upstream: int,
     wrapper: Sequence[str] = (),
@@ -213,7 +213,7 @@ def throughput(args: argparse.Namespace, sup: Supervisor) -> int:
     procs = {"floor": floor}
     for proxy in PROXY_SCRIPTS:
         if proxy in args.targets:
-            procs[proxy] = start_reference(sup, floor.port, target=proxy)
+            procs[proxy] = start_proxy(sup, floor.port, target=proxy)
     if "portkey" in args.targets and (portkey := start_portkey(sup, floor.port)) is not None:
         procs["portkey"] = portkey
     if "mpcapi" in args.targets:
@@ -670,7 +670,7 @@ def instructions(args: argparse.Namespace, sup: Supervisor) -> int:
         dumps = sup.tmp / f"callgrind-{len(rows)}"
         wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={dumps}.%p"]
         if env is None:
-            proc = start_reference(sup, floor.port, wrapper, ready_timeout=180, target=label)
+            proc = start_proxy(sup, floor.port, wrapper, ready_timeout=180, target=label)
         else:
             name = f"mpcapi-{len(rows)}"
             proc = start_mpcapi(sup, floor.port, 1, env, name, wrapper, ready_timeout=180)

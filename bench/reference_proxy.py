@@ -63,21 +63,30 @@ class Proxy(resource.Resource):
 
 class QuietSite(server.Site):
     def log(self, request: http.Request) -> None:
-        """No access log: this proxy measures the framework, not logging."""
+        """No access log: the minimal proxies measure their frameworks, not logging."""
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def pool_from_arguments(description: str) -> tuple[argparse.Namespace, HTTPConnectionPool]:
+    """The minimal proxies' command line (port, upstream, pool size) and their persistent pool."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="e.g. http://127.0.0.1:4000")
     parser.add_argument("--pool-size", type=int, default=256, help="idle connections kept")
     args = parser.parse_args()
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = args.pool_size
-    agent = Agent(reactor, pool=pool)
-    site = QuietSite(Proxy(agent, args.upstream.rstrip("/").encode()))
-    reactor.listenTCP(args.port, site, backlog=1024, interface="127.0.0.1")
+    return args, pool
+
+
+def serve(root: resource.IResource, port: int) -> None:
+    """Serve ``root`` on 127.0.0.1:``port`` until the process is stopped."""
+    reactor.listenTCP(port, QuietSite(root), backlog=1024, interface="127.0.0.1")
     reactor.run()
+
+
+def main() -> None:
+    args, pool = pool_from_arguments(__doc__.splitlines()[0])
+    serve(Proxy(Agent(reactor, pool=pool), args.upstream.rstrip("/").encode()), args.port)
 
 
 if __name__ == "__main__":
